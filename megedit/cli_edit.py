@@ -1,0 +1,92 @@
+"""``megedit edit <hparams.yaml> --data <file> --n N``: apply MeG, print metrics before/after and each stage's time."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import yaml
+
+from .evaluate import METRICS
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("edit", help="apply MeG to the hparams' model and report Rel/Gen/Loc before and after")
+    p.add_argument("hparams", help="MeG hparams YAML, e.g. hparams/MeG/smollm2-135m.yaml")
+    p.add_argument("--data", required=True, help="edit requests (CounterFact, ROME CounterFact or MEND zsRE JSON)")
+    p.add_argument("--format", default="auto", help="data format: auto, counterfact, counterfact-rome, zsre")
+    p.add_argument("--n", type=int, default=100, help="number of edits")
+    p.add_argument("--offset", type=int, default=0, help="first record to edit")
+    p.add_argument("--pseudo-data", help="pseudo-edit pool (overrides pseudo_edit_data in the hparams)")
+    p.add_argument("--device", help="overrides device in the hparams")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override any hparams field")
+    p.add_argument("--out", default="results/edit", help="folder for results.json")
+    p.set_defaults(func=main)
+
+
+def parse_overrides(pairs: list[str]) -> dict:
+    out = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ValueError(f"--set expects KEY=VALUE, got {pair!r}")
+        key, value = pair.split("=", 1)
+        out[key] = yaml.safe_load(value)
+    return out
+
+
+def format_table(pre: dict, post: dict) -> str:
+    rows = [f"{'metric':<8} {'pre':>7} {'post':>7}"]
+    for m in (*METRICS, "score"):
+        rows.append(f"{m:<8} {pre.get(m, float('nan')):7.1f} {post.get(m, float('nan')):7.1f}")
+    return "\n".join(rows)
+
+
+def main(args) -> int:
+    from . import apply_meg_to_model, evaluate_requests, load_model, load_requests, locality_reference
+    from .arch import check_layer
+    from .cli import environment, write_json
+    from .data import validate_requests
+    from .hparams import MeGHyperParams
+
+    hp = MeGHyperParams.from_hparams(args.hparams)
+    changes = parse_overrides(args.set)
+    if args.pseudo_data:
+        changes["pseudo_edit_data"] = args.pseudo_data
+    if args.device:
+        changes["device"] = args.device
+    hp = MeGHyperParams.from_dict({**hp.to_dict(), **changes}, source=f"{args.hparams} + overrides")
+    requests = validate_requests(load_requests(args.format, args.data, n=args.n, offset=args.offset))
+    if hp.pseudo_edit_data:
+        from .data import resolve_data_path
+
+        resolve_data_path(hp.pseudo_edit_data)  # fail now, not after loading the model
+    started = time.time()
+    model, tok = load_model(hp)
+    check_layer(model, hp.layer)
+    load_s = time.time() - started
+
+    t0 = time.time()
+    reference = locality_reference(model, tok, requests, hp.eval_batch_size)
+    pre = evaluate_requests(model, tok, requests, reference, hp.eval_batch_size)
+    pre_s = time.time() - t0
+    edited, _ = apply_meg_to_model(model, tok, requests, hp)
+    t0 = time.time()
+    post = evaluate_requests(edited, tok, requests, reference, hp.eval_batch_size)
+    post_s = time.time() - t0
+    report = edited.report
+
+    print(f"\nMeG on {hp.model_name}, {len(requests)} edits from {args.data}")
+    print(format_table(pre["summary"], post["summary"]))
+    gate = report.get("gate", {})
+    print(f"\ngate: epsilon={gate.get('epsilon', float('nan')):.4f}  calibration: familiar passed "
+          f"{gate.get('familiar_pass', float('nan')):.3f}, near misses blocked {gate.get('near_miss_blocked', {})}")
+    print(f"neuron fits reproducing the target: {report['fit']['ok']:.3f}")
+    print("\nseconds: " + ", ".join(f"{k} {v:.1f}" for k, v in
+                                   {"load": load_s, "pre-eval": pre_s, **report["seconds"], "post-eval": post_s}.items()))
+    out = Path(args.out) / "results.json"
+    write_json(out, {"method": "MeG", "hparams": hp.to_dict(), "seed": hp.seed, "data": str(args.data),
+                     "n": len(requests), "offset": args.offset, "environment": environment(),
+                     "pre": pre["summary"], "post": post["summary"], "report": report,
+                     "per_request_post": post["per_request"],
+                     "seconds": {"load": load_s, "pre_eval": pre_s, **report["seconds"], "post_eval": post_s}})
+    print(f"results: {out}")
+    return 0

@@ -1,0 +1,149 @@
+"""Knowledge-editing datasets read from a path into EasyEdit request dicts.
+
+A request is ``{"case_id", "prompt", "subject", "target_new", "ground_truth", "rephrase_prompt",
+"locality": {"neighborhood": {"prompt", "ground_truth"}}, "portability": {}}`` — what EasyEdit's
+``BaseEditor._prepare_requests`` builds. Files are read where they lie (``$MEGEDIT_DATA`` resolves relative paths);
+nothing is copied.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+FORMATS = ("counterfact", "counterfact-rome", "zsre")
+
+
+def resolve_data_path(path: str | os.PathLike) -> Path:
+    """``path`` as given if it exists, else relative to ``$MEGEDIT_DATA``."""
+    p = Path(os.path.expanduser(str(path)))
+    if not p.exists() and not p.is_absolute() and os.environ.get("MEGEDIT_DATA"):
+        alt = Path(os.environ["MEGEDIT_DATA"]) / p
+        if alt.exists():
+            return alt
+    if not p.exists():
+        hint = "" if os.environ.get("MEGEDIT_DATA") else " (relative paths are also looked up under $MEGEDIT_DATA, which is unset)"
+        raise FileNotFoundError(f"data file {str(path)!r} does not exist{hint}")
+    return p
+
+
+def detect_format(record: dict) -> str:
+    if "requested_rewrite" in record:
+        return "counterfact-rome"
+    if "src" in record and "alt" in record:
+        return "zsre"
+    if "prompt" in record and "target_new" in record:
+        return "counterfact"
+    raise ValueError(
+        f"unknown data format (record keys {sorted(record)}); expected one of {FORMATS}: EasyEdit CounterFact "
+        "(prompt, target_new, ...), ROME CounterFact (requested_rewrite, ...) or MEND zsRE (src, alt, ...)"
+    )
+
+
+def _locality(prompt: str | None, answer: str | None) -> dict:
+    return {"neighborhood": {"prompt": prompt, "ground_truth": answer}} if prompt else {}
+
+
+def _from_counterfact(r: dict, i: int) -> dict:
+    return {
+        "case_id": r.get("case_id", i),
+        "prompt": r["prompt"],
+        "subject": r.get("subject"),
+        "target_new": r["target_new"],
+        "ground_truth": r.get("ground_truth"),
+        "rephrase_prompt": r.get("rephrase_prompt"),
+        "locality": _locality(r.get("locality_prompt"), r.get("locality_ground_truth")),
+        "portability": {},
+    }
+
+
+def _from_counterfact_rome(r: dict, i: int) -> dict:
+    rw = r["requested_rewrite"]
+    neighbours = r.get("neighborhood_prompts") or [None]
+    paraphrases = r.get("paraphrase_prompts") or [None]
+    return {
+        "case_id": r.get("case_id", i),
+        "prompt": rw["prompt"].format(rw["subject"]),
+        "subject": rw["subject"],
+        "target_new": rw["target_new"]["str"],
+        "ground_truth": rw["target_true"]["str"],
+        "rephrase_prompt": paraphrases[0],
+        "locality": _locality(neighbours[0], rw["target_true"]["str"]),
+        "portability": {},
+    }
+
+
+def _from_zsre(r: dict, i: int) -> dict:
+    answers = r.get("answers") or [None]
+    portability = {}
+    if isinstance(r.get("portability"), dict) and r["portability"].get("New Question"):
+        portability = {"one_hop": {"prompt": r["portability"]["New Question"],
+                                   "ground_truth": r["portability"]["New Answer"]}}
+    return {
+        "case_id": r.get("case_id", i),
+        "prompt": r["src"],
+        "subject": r.get("subject"),
+        "target_new": r["alt"],
+        "ground_truth": answers[0],
+        "rephrase_prompt": r.get("rephrase"),
+        "locality": _locality(r.get("loc"), r.get("loc_ans")),
+        "portability": portability,
+    }
+
+
+_CONVERTERS = {"counterfact": _from_counterfact, "counterfact-rome": _from_counterfact_rome, "zsre": _from_zsre}
+
+
+def load_requests(fmt: str, path: str | os.PathLike, n: int | None = None, offset: int = 0) -> list[dict]:
+    """Read ``path`` (format ``fmt`` or "auto") and return requests ``offset .. offset+n``."""
+    if fmt not in FORMATS + ("auto",):
+        raise ValueError(f"unknown data format {fmt!r}; choose one of {FORMATS + ('auto',)}")
+    if n is not None and n <= 0:
+        raise ValueError(f"n must be positive, got {n}")
+    p = resolve_data_path(path)
+    try:
+        records = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{p} is not valid JSON: {e}") from None
+    if not isinstance(records, list) or not records:
+        raise ValueError(f"{p} must hold a non-empty JSON list of records")
+    if fmt == "auto":
+        fmt = detect_format(records[0])
+    elif detect_format(records[0]) != fmt:
+        raise ValueError(f"{p} looks like {detect_format(records[0])!r} data, not {fmt!r}")
+    chosen = records[offset: None if n is None else offset + n]
+    if n is not None and len(chosen) < n:
+        raise ValueError(f"{p} has {len(records)} records; asked for {n} from offset {offset}")
+    convert = _CONVERTERS[fmt]
+    return [convert(r, offset + i) for i, r in enumerate(chosen)]
+
+
+def validate_requests(requests, need_subject: bool = False) -> list[dict]:
+    """Check requests before any expensive work; return them as a list. Raises ValueError naming the case and field."""
+    if isinstance(requests, dict):
+        requests = [requests]
+    requests = list(requests)
+    if not requests:
+        raise ValueError("no requests to edit: the request list is empty")
+    seen: dict[str, str] = {}
+    for i, r in enumerate(requests):
+        where = f"request {i} (case_id {r.get('case_id', i)!r})" if isinstance(r, dict) else f"request {i}"
+        if not isinstance(r, dict):
+            raise ValueError(f"{where} is a {type(r).__name__}, expected a dict with 'prompt' and 'target_new'")
+        for key in ("prompt", "target_new"):
+            if key not in r:
+                raise ValueError(f"{where} has no {key!r}: every request needs 'prompt' and 'target_new'")
+            if not isinstance(r[key], str) or not r[key].strip():
+                raise ValueError(f"{where}: {key!r} must be a non-empty string, got {r[key]!r}")
+        subject = r.get("subject")
+        if need_subject and not subject:
+            raise ValueError(f"{where} has no 'subject'; this method needs the subject of each edit")
+        if subject and subject not in r["prompt"]:
+            raise ValueError(f"{where}: subject {subject!r} is not a substring of prompt {r['prompt']!r}")
+        previous = seen.setdefault(r["prompt"], r["target_new"])
+        if previous != r["target_new"]:
+            raise ValueError(
+                f"{where}: prompt {r['prompt']!r} is edited twice with conflicting targets {previous!r} and "
+                f"{r['target_new']!r}; drop one of them"
+            )
+    return requests

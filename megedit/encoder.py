@@ -1,0 +1,89 @@
+"""Stage 1: tune the text encoder so that a paraphrase lands next to its fact and a near miss does not.
+
+InfoNCE via sentence-transformers' ``MultipleNegativesRankingLoss``: anchor = a pseudo-edit's prompt, positive = its
+paraphrase, negatives = the rest of the batch plus, per example, two hard negatives built from the pool (same
+relation/other subject and same subject/other relation). Paraphrase-only tuning teaches "same subject ⇒ same fact",
+which makes the gate accept other questions about an edited subject; the hard negatives are what prevents that.
+Trained only on the pseudo-edit pool, never on the edits' evaluation prompts.
+"""
+from __future__ import annotations
+
+import random
+import time
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .augment import PseudoEditPool
+
+try:  # sentence-transformers >= 5.x moved the losses
+    from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+except ImportError:  # pragma: no cover - older releases
+    from sentence_transformers.losses import MultipleNegativesRankingLoss
+from sentence_transformers.util import batch_to_device
+
+
+def _with_answer(text: str, answer: str | None, rng: random.Random) -> str:
+    # routing also sees "prompt + answer" (teacher-forced evaluation), so half the texts carry one
+    return f"{text} {answer}" if answer and rng.random() < 0.5 else text
+
+
+def training_columns(pool: PseudoEditPool, n_pairs: int, hard_negatives: bool, seed: int) -> list[list[str]]:
+    """Columns [anchors, positives, (same-relation negatives, same-subject negatives)] from the pool."""
+    rng = random.Random(seed)
+    items = [it for it in pool.items if it.rephrase]
+    rng.shuffle(items)
+    rows = []
+    for it in items[:n_pairs]:
+        row = [_with_answer(it.prompt, it.answer, rng), _with_answer(it.rephrase, it.answer, rng)]
+        if hard_negatives:
+            near = pool.near_misses({"prompt": it.prompt, "subject": it.subject}, 1)
+            if not near["same_relation"] or not near["same_subject"]:
+                continue
+            row += [_with_answer(*near["same_relation"][0], rng), _with_answer(*near["same_subject"][0], rng)]
+        rows.append(row)
+    return [list(col) for col in zip(*rows)]
+
+
+def tune_encoder(encoder, pool: PseudoEditPool, hp, progress: bool = True) -> dict:
+    """Tune ``encoder`` (a SentenceTransformer) in place; returns {"loss": [...], "seconds": s, "examples": n}."""
+    columns = training_columns(pool, hp.encoder_pairs, hp.encoder_hard_negatives, hp.seed)
+    n = len(columns[0]) if columns else 0
+    if n < 2:
+        raise ValueError("the pseudo-edit pool gives fewer than 2 (prompt, paraphrase) pairs: cannot tune the encoder")
+    loss_fn = MultipleNegativesRankingLoss(encoder, scale=hp.encoder_scale)
+    opt = torch.optim.AdamW(encoder.parameters(), lr=hp.encoder_lr)
+    g = torch.Generator().manual_seed(hp.seed)
+    losses, start = [], time.time()
+    encoder.train()
+    steps = hp.encoder_epochs * ((n + hp.encoder_batch_size - 1) // hp.encoder_batch_size)
+    bar = tqdm(total=steps, desc="stage 1: tune encoder", disable=not progress)
+    try:
+        for _ in range(hp.encoder_epochs):
+            order = torch.randperm(n, generator=g).tolist()
+            for s in range(0, n, hp.encoder_batch_size):
+                idx = order[s: s + hp.encoder_batch_size]
+                if len(idx) < 2:
+                    continue
+                features = [batch_to_device(encoder.tokenize([col[i] for i in idx]), encoder.device) for col in columns]
+                loss = loss_fn(features, None)
+                opt.zero_grad()  # (the official MeG code forgets this and accumulates gradients)
+                loss.backward()
+                opt.step()
+                losses.append(float(loss))
+                bar.update()
+                bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    finally:
+        encoder.eval()
+        bar.close()
+    return {"loss": losses, "seconds": time.time() - start, "examples": n}
+
+
+@torch.no_grad()
+def embed(encoder, texts: list[str], batch_size: int = 128) -> torch.Tensor:
+    """L2-normalised sentence embeddings (N, dim) on the CPU, in input order."""
+    if not texts:
+        return torch.zeros(0, encoder.get_sentence_embedding_dimension())
+    emb = encoder.encode(list(texts), batch_size=batch_size, convert_to_tensor=True, show_progress_bar=False)
+    return F.normalize(emb.float(), dim=-1).cpu()

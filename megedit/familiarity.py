@@ -1,0 +1,115 @@
+"""Stage 2: the familiarity network — does this query touch an edited fact?
+
+A K-way classifier over the (frozen, tuned) query embedding, trained to put every view of an edit into that edit's
+random class (paper: K = 10). A query it has learned gives a confident, low-entropy prediction; the gate opens when the
+entropy is below ε. We add outlier exposure: near misses (same relation/other subject, same subject/other relation,
+unrelated) are trained towards the uniform prediction, so "close but different" queries get high entropy instead of
+whatever the net happens to say. ε is chosen on held-out calibration queries, never on evaluation data.
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+
+class ResidualBlock(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.ff = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+
+    def forward(self, x):
+        return x + self.ff(self.norm(x))
+
+
+class FamiliarityNet(nn.Module):
+    """Embedding (N, dim) -> K logits; ``epsilon`` (a buffer) is the entropy threshold of the gate."""
+
+    def __init__(self, dim: int, hidden: int, blocks: int, classes: int):
+        super().__init__()
+        self.blocks = nn.Sequential(*[ResidualBlock(dim, hidden) for _ in range(blocks)])
+        self.head = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, classes))
+        self.register_buffer("epsilon", torch.tensor(float("nan")))
+
+    def forward(self, emb: torch.Tensor) -> torch.Tensor:
+        return self.head(self.blocks(emb))
+
+    @torch.no_grad()
+    def entropy(self, emb: torch.Tensor) -> torch.Tensor:
+        logp = F.log_softmax(self(emb.to(self.epsilon.device)).float(), dim=-1)
+        return -(logp.exp() * logp).sum(-1)
+
+    @torch.no_grad()
+    def familiar(self, emb: torch.Tensor) -> torch.Tensor:
+        if torch.isnan(self.epsilon):
+            raise RuntimeError("the familiarity gate has no epsilon yet: call choose_epsilon or set it")
+        return self.entropy(emb) < self.epsilon
+
+
+def train_familiarity(net: FamiliarityNet, pos: torch.Tensor, labels: torch.Tensor, neg: torch.Tensor, hp,
+                      progress: bool = True) -> dict:
+    """Cross-entropy to each positive's class + ``familiarity_outlier_weight`` × cross-entropy of negatives to uniform."""
+    g = torch.Generator().manual_seed(hp.seed)
+    opt = torch.optim.AdamW(net.parameters(), lr=hp.familiarity_lr)
+    steps_per_epoch = max(1, math.ceil(len(pos) / hp.familiarity_batch_size))
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, hp.familiarity_lr, total_steps=hp.familiarity_epochs * steps_per_epoch)
+    device = net.epsilon.device
+    net.train()
+    losses, start = [], time.time()
+    bar = tqdm(range(hp.familiarity_epochs), desc="stage 2: familiarity", disable=not progress)
+    try:
+        for _ in bar:
+            order = torch.randperm(len(pos), generator=g)
+            for s in range(0, len(pos), hp.familiarity_batch_size):
+                idx = order[s: s + hp.familiarity_batch_size]
+                loss = F.cross_entropy(net(pos[idx].to(device)), labels[idx].to(device))
+                if len(neg) and hp.familiarity_outlier_weight > 0:
+                    nidx = torch.randint(len(neg), (len(idx),), generator=g)
+                    logp = F.log_softmax(net(neg[nidx].to(device)), dim=-1)
+                    loss = loss + hp.familiarity_outlier_weight * (-logp.mean(-1)).mean()
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                sched.step()
+                losses.append(float(loss))
+            if not math.isfinite(losses[-1]):
+                raise RuntimeError(f"familiarity training diverged (loss {losses[-1]})")
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    finally:
+        net.eval()
+    return {"loss": losses[-1], "seconds": time.time() - start, "positives": len(pos), "negatives": len(neg)}
+
+
+def choose_epsilon(net: FamiliarityNet, familiar: torch.Tensor, unfamiliar: dict[str, torch.Tensor]) -> dict:
+    """Set ``net.epsilon`` to the entropy threshold with the best balanced accuracy on calibration queries.
+
+    Balanced accuracy = (rate of familiar queries let through + mean over near-miss kinds of the rate kept out) / 2, so
+    each near-miss kind counts as much as the others however many there are. Returns the threshold and its rates.
+    """
+    h_fam = net.entropy(familiar).cpu()
+    h_unf = {k: net.entropy(v).cpu() for k, v in unfamiliar.items() if len(v)}
+    candidates = torch.cat([h_fam, *h_unf.values()]).unique()
+    candidates = torch.cat([candidates, candidates[-1:] + 1e-6])  # "everything familiar" is a candidate too
+    best = None
+    for eps in candidates.tolist():
+        tpr = float((h_fam < eps).float().mean())
+        tnr = {k: float((h >= eps).float().mean()) for k, h in h_unf.items()}
+        bal = (tpr + sum(tnr.values()) / max(1, len(tnr))) / 2
+        if best is None or bal > best["balanced_accuracy"]:
+            best = {"epsilon": eps, "balanced_accuracy": bal, "familiar_pass": tpr, "near_miss_blocked": tnr}
+    net.epsilon.fill_(best["epsilon"])
+    return best
+
+
+def gate_rates(net: FamiliarityNet, familiar: torch.Tensor, unfamiliar: dict[str, torch.Tensor]) -> dict:
+    """Pass rate on familiar queries and block rate per near-miss kind at the current epsilon."""
+    out = {"familiar_pass": float(net.familiar(familiar).float().mean()) if len(familiar) else math.nan}
+    for k, v in unfamiliar.items():
+        if len(v):
+            out[f"{k}_blocked"] = float((~net.familiar(v)).float().mean())
+    return out

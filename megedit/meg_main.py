@@ -1,0 +1,176 @@
+"""Apply MeG to a model: the four stages in order, and the EasyEdit-shaped entry point.
+
+1. tune the text encoder (InfoNCE with hard negatives, on pseudo-edits)
+2. train the familiarity gate on the edits' views and near misses; choose ε on held-out calibration queries
+3. fit one neuron per edit on its views
+4. train the generator to map a query embedding to its edit's neuron
+"""
+from __future__ import annotations
+
+import copy as copy_module
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .arch import check_layer, neuron_size
+from .augment import NEAR_MISS_KINDS, PseudoEditPool
+from .data import load_requests, validate_requests
+from .encoder import embed, tune_encoder
+from .familiarity import FamiliarityNet, choose_epsilon, gate_rates, train_familiarity
+from .fitting import fit_neurons
+from .generator import NeuronGenerator
+from .hparams import MeGHyperParams
+from .loading import load_encoder
+from .model import MeGEdit, MeGModel
+from .neuron import remove_neuron
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainingTexts:
+    """Every text the stages learn from, built from the edits and the pseudo-edit pool (never evaluation prompts)."""
+
+    views: list[list[str]]  # per edit: its prompt first, then its training views
+    positives: list[str]  # views and views + " " + target_new
+    positive_edit: list[int]
+    negatives: list[str]  # near misses, bare and answered
+    calib_familiar: list[str]  # held-out views of the edits
+    calib_unfamiliar: dict[str, list[str]] = field(default_factory=dict)  # held-out near misses per kind
+
+
+def build_texts(requests: list[dict], pool: PseudoEditPool | None, hp: MeGHyperParams) -> TrainingTexts:
+    views, positives, positive_edit, negatives = [], [], [], []
+    calib_familiar: list[str] = []
+    calib_unfamiliar: dict[str, list[str]] = {k: [] for k in NEAR_MISS_KINDS}
+    rng = random.Random(hp.seed)
+    calib_edits = set(rng.sample(range(len(requests)), min(hp.familiarity_holdout, len(requests))))
+    for e, r in enumerate(requests):
+        v = pool.views(r, hp.n_paraphrase_views, hp.n_prefix_views) if pool else [r["prompt"]]
+        views.append(v)
+        for text in v:
+            positives += [text, f"{text} {r['target_new']}"]  # routing also sees prompt + answer (teacher forcing)
+            positive_edit += [e, e]
+        if pool is None:
+            continue
+        for pairs in pool.near_misses(r, hp.n_near_misses).values():
+            for text, answer in pairs:
+                negatives += [text, f"{text} {answer}".strip()]
+        if e in calib_edits:
+            seen = set(v)
+            held = [t for t in pool.views(r, hp.n_paraphrase_views, hp.n_prefix_views, salt="calibration") if t not in seen]
+            calib_familiar += held[:2] + [f"{t} {r['target_new']}" for t in held[:1]]
+            trained = set(negatives)
+            for kind, pairs in pool.near_misses(r, 1, salt="calibration").items():
+                calib_unfamiliar[kind] += [t for t, a in pairs if t not in trained]
+                calib_unfamiliar[kind] += [f"{t} {a}".strip() for t, a in pairs if f"{t} {a}".strip() not in trained]
+    return TrainingTexts(views, positives, positive_edit, negatives, calib_familiar, calib_unfamiliar)
+
+
+def _embed_all(encoder, groups: dict[str, list[str]], batch_size: int) -> dict[str, torch.Tensor]:
+    """Embed every distinct text once."""
+    unique = list(dict.fromkeys(t for texts in groups.values() for t in texts))
+    emb = embed(encoder, unique, batch_size)
+    index = {t: i for i, t in enumerate(unique)}
+    return {k: emb[[index[t] for t in texts]] if texts else emb[:0] for k, texts in groups.items()}
+
+
+def train_meg(model, tok, requests: list[dict], hp: MeGHyperParams, progress: bool = True) -> tuple[MeGEdit, dict]:
+    """Run the four stages; returns the learned edit and a report (seconds per stage, gate rates, fit stats)."""
+    requests = validate_requests(requests)
+    check_layer(model, hp.layer)
+    if hp.pseudo_edit_data is None and hp.familiarity_epsilon is None:
+        raise ValueError("without pseudo_edit_data there is nothing to choose epsilon on: set familiarity_epsilon, "
+                         "or point pseudo_edit_data at a training split disjoint from the edits")
+    torch.manual_seed(hp.seed)
+    device = next(model.parameters()).device
+    report: dict = {"n_edits": len(requests), "seconds": {}}
+    t0 = time.time()
+    pool = None
+    if hp.pseudo_edit_data:
+        pool_requests = load_requests(hp.pseudo_edit_format, hp.pseudo_edit_data)
+        pool = PseudoEditPool(pool_requests, exclude_subjects={r.get("subject") for r in requests if r.get("subject")},
+                              seed=hp.seed)
+    texts = build_texts(requests, pool, hp)
+    report["seconds"]["views"] = time.time() - t0
+
+    t0 = time.time()
+    encoder = load_encoder(hp.encoder_name, device=str(device))
+    if hp.encoder_tune and pool is not None:
+        report["encoder"] = {k: v for k, v in tune_encoder(encoder, pool, hp, progress).items() if k != "loss"}
+    encoder.requires_grad_(False)
+    report["seconds"]["stage1_encoder"] = time.time() - t0
+
+    t0 = time.time()
+    groups = {"pos": texts.positives, "neg": texts.negatives, "calib": texts.calib_familiar,
+              **{f"calib_{k}": v for k, v in texts.calib_unfamiliar.items()}}
+    emb = _embed_all(encoder, groups, hp.eval_batch_size * 4)
+    report["seconds"]["embed"] = time.time() - t0
+
+    t0 = time.time()
+    g = torch.Generator().manual_seed(hp.seed)
+    edit_class = torch.randint(hp.familiarity_classes, (len(requests),), generator=g)
+    familiarity = FamiliarityNet(emb["pos"].shape[1], hp.familiarity_hidden, hp.familiarity_blocks,
+                                 hp.familiarity_classes).to(device)
+    report["familiarity"] = train_familiarity(familiarity, emb["pos"], edit_class[texts.positive_edit], emb["neg"], hp,
+                                              progress)
+    calib_unfamiliar = {k: emb[f"calib_{k}"] for k in texts.calib_unfamiliar}
+    if hp.familiarity_epsilon is None:
+        report["gate"] = choose_epsilon(familiarity, emb["calib"], calib_unfamiliar)
+    else:
+        familiarity.epsilon.fill_(hp.familiarity_epsilon)
+        report["gate"] = {"epsilon": hp.familiarity_epsilon, **gate_rates(familiarity, emb["calib"], calib_unfamiliar)}
+    familiarity.requires_grad_(False)
+    report["seconds"]["stage2_familiarity"] = time.time() - t0
+
+    t0 = time.time()
+    fit = fit_neurons(model, tok, texts.views, [r["target_new"] for r in requests], hp, progress)
+    report["fit"] = {"ok": float(fit.ok.float().mean()), "view_acc": float(fit.view_acc.mean()),
+                     "mean_steps": float(fit.steps.float().mean()),
+                     "failed_case_ids": [requests[i].get("case_id", i) for i in (~fit.ok).nonzero().squeeze(1).tolist()]}
+    report["seconds"]["stage3_neurons"] = time.time() - t0
+
+    t0 = time.time()
+    generator = NeuronGenerator(neuron_size(model), emb["pos"].shape[1], hp).to(device)
+    ok = fit.ok.clone()
+    keep = torch.tensor([bool(ok[e]) for e in texts.positive_edit])
+    remap = torch.cumsum(ok.long(), 0) - 1  # edit index -> row of the ok-only target table
+    report["generator"] = generator.train_on(emb["pos"][keep], remap[torch.tensor(texts.positive_edit)[keep]],
+                                             fit.weights[ok], hp, progress)
+    generator.requires_grad_(False)
+    report["seconds"]["stage4_generator"] = time.time() - t0
+    return MeGEdit(encoder, familiarity, generator, hp.layer, hp), report
+
+
+def apply_meg_to_model(model, tok, requests, hparams: MeGHyperParams, copy: bool = False,
+                       return_orig_weights: bool = False, keep_original_weight: bool = False, **kwargs):
+    """EasyEdit's ``apply_<alg>_to_model``: returns ``(edited_model, weights_copy)``.
+
+    MeG changes no weight of ``model``: it hooks one MLP. ``edited_model.unload()`` takes the neuron out and returns the
+    original model bit-for-bit; ``weights_copy`` (when asked for) holds copies of that MLP's parameters under their
+    original names, which is what EasyEdit restores from.
+    """
+    requests = validate_requests(requests)
+    check_layer(model, hparams.layer)
+    if isinstance(model, MeGModel):  # editing again replaces the previous MeG edit
+        model = model.unload()
+    remove_neuron(model)
+    if copy:
+        model = copy_module.deepcopy(model)
+    weights_copy = {}
+    if return_orig_weights:
+        prefix = f"{_layers_path(model)}.{hparams.layer}."
+        weights_copy = {n: p.detach().clone() for n, p in model.named_parameters() if n.startswith(prefix)}
+    edit, report = train_meg(model, tok, requests, hparams, progress=kwargs.get("progress", True))
+    edited = MeGModel(model, tok, edit)
+    edited.report = report
+    return edited, weights_copy
+
+
+def _layers_path(model) -> str:
+    from .arch import arch_of
+
+    return arch_of(model).layers

@@ -1,0 +1,92 @@
+"""The edited model at run time: query → encoder → familiarity gate → generator → neuron → LLM.
+
+``MeGEdit`` holds what MeG learned for a set of edits (the artifact). ``MeGModel`` wraps the frozen LLM like a PEFT
+model: a drop-in ``nn.Module`` whose ``forward`` and ``generate`` route every sample from its own tokens. The decision is
+taken once per sequence, on the prompt (prefill), and kept while decoding; it lives in a context variable for the
+duration of the call, never on a shared module, so calls (and threads) cannot leak routing into each other.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from .encoder import embed
+from .familiarity import FamiliarityNet
+from .neuron import NeuronBatch, active_neurons, current_neurons, inject_neuron, remove_neuron
+
+_ROUTE_ATTR = "_megedit_route"  # set on a KV cache that a MeGModel forward returned, for manual step-by-step decoding
+
+
+class MeGEdit(nn.Module):
+    """Encoder + familiarity gate + weight generator, and the layer whose MLP gets the neuron."""
+
+    def __init__(self, encoder: nn.Module, familiarity: FamiliarityNet, generator: nn.Module, layer: int, hparams):
+        super().__init__()
+        self.encoder = encoder
+        self.familiarity = familiarity
+        self.generator = generator
+        self.layer = layer
+        self.hparams = hparams
+
+    @torch.no_grad()
+    def route(self, texts: list[str]) -> NeuronBatch:
+        """The runtime path: which texts touch an edit, and the neuron each of those gets."""
+        emb = embed(self.encoder, texts)  # (B, c)
+        rows = torch.nonzero(self.familiarity.familiar(emb)).squeeze(1).cpu()  # (n,)
+        if len(rows) == 0:
+            return NeuronBatch(rows, emb.new_zeros(0, 0), len(texts))
+        return NeuronBatch(rows, self.generator.sample(emb[rows]), len(texts))  # (n, P)
+
+
+class MeGModel(nn.Module):
+    """A causal LM with a MeG edit: use it exactly like the model it wraps."""
+
+    def __init__(self, model: nn.Module, tokenizer, edit: MeGEdit):
+        super().__init__()
+        self.model = model
+        self.edit = edit
+        self.tokenizer = tokenizer
+        inject_neuron(model, edit.layer)
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("model"), name)  # config, device, generation_config, ...
+
+    def texts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> list[str]:
+        """Each row's text: the attended tokens only, so left and right padding route alike."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        return [self.tokenizer.decode(ids[mask.bool()].tolist(), skip_special_tokens=True)
+                for ids, mask in zip(input_ids.cpu(), attention_mask.cpu())]
+
+    def route(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> NeuronBatch:
+        if input_ids is None:
+            raise ValueError("MeG routes each sample from its tokens: pass input_ids (inputs_embeds alone cannot be routed)")
+        return self.edit.route(self.texts(input_ids, attention_mask))
+
+    def forward(self, input_ids=None, attention_mask=None, past_key_values=None, **kwargs):
+        route = current_neurons()  # inside our own generate(): already decided at the prefill
+        if route is None and past_key_values is not None:
+            route = getattr(past_key_values, _ROUTE_ATTR, None)
+            if route is None and past_key_values.get_seq_length() > 0:
+                raise ValueError("this KV cache did not come from a MeGModel forward: its routing decision is unknown")
+        if route is None:
+            route = self.route(input_ids, attention_mask)
+        with active_neurons(route):
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, past_key_values=past_key_values,
+                             **kwargs)
+        if getattr(out, "past_key_values", None) is not None:
+            setattr(out.past_key_values, _ROUTE_ATTR, route)
+        return out
+
+    def generate(self, input_ids=None, attention_mask=None, **kwargs):
+        """Route once on the prompt, then generate with that decision for every new token."""
+        with active_neurons(self.route(input_ids, attention_mask)):
+            return self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+    def unload(self) -> nn.Module:
+        """Take the neuron out and return the original model, exactly as it was."""
+        remove_neuron(self.model)
+        return self.model

@@ -1,0 +1,161 @@
+"""Stage 4: the DiT and the neuron generator (shapes, initialisation, memorisation, determinism, save/load, threads)."""
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+from megedit.dit import DiT
+from megedit.generator import NeuronGenerator
+from megedit.hparams import MeGHyperParams
+
+E, P, C = 16, 130, 32  # memorisation task: edits, weights per neuron, condition size
+SMALL = dict(dit_hidden=64, dit_depth=2, dit_heads=4, dit_patch_size=16, gen_batch_size=16, gen_lr=3e-3)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run faster on one thread, and the machine is shared."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def hparams(**overrides) -> MeGHyperParams:
+    return MeGHyperParams(model_name="x", layer=0, **{**SMALL, **overrides})
+
+
+def task():
+    """E random targets around a shared offset, each with its own unit-norm condition."""
+    g = torch.Generator().manual_seed(1)
+    targets = torch.randn(E, P, generator=g) * 0.3 + torch.randn(P, generator=g)
+    conds = torch.nn.functional.normalize(torch.randn(E, C, generator=g), dim=1)
+    return conds, targets
+
+
+def relative_error(pred: torch.Tensor, targets: torch.Tensor) -> float:
+    """L2 error relative to the targets' spread around their mean: predicting the mean scores 1."""
+    return float(((pred - targets).norm(dim=1) / (targets - targets.mean(0)).norm(dim=1)).mean())
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """A small DiT generator memorising the task (v-prediction, the default), trained once for the module."""
+    conds, targets = task()
+    hp = hparams(gen_epochs=600)
+    gen = NeuronGenerator(P, C, hp)
+    stats = gen.train_on(conds, torch.arange(E), targets, hp, progress=False)
+    return gen, hp, conds, targets, stats
+
+
+@pytest.mark.parametrize("size", [1153, 10])  # odd, and smaller than one patch
+def test_dit_shapes(size):
+    model = DiT(size, C, patch_size=64, hidden=32, depth=2, heads=4)
+    x, cond = torch.randn(3, size), torch.randn(3, C)
+    assert model(x, torch.tensor([0, 500, 999]), cond).shape == (3, size)
+    assert model(x, torch.tensor([0.5, 7.0, 999.0]), cond).shape == (3, size)
+    with pytest.raises(ValueError, match="length"):
+        model(torch.randn(3, size + 1), torch.tensor([1, 2, 3]), cond)
+
+
+def test_dit_starts_as_identity_with_zero_output():
+    model = DiT(P, C, patch_size=16, hidden=32, depth=2, heads=4)
+    x, c = torch.randn(4, 9, 32), torch.randn(4, 32)
+    for block in model.blocks:
+        assert torch.equal(block(x, c), x)
+    assert torch.equal(model(torch.randn(4, P), torch.tensor([1, 10, 100, 999]), torch.randn(4, C)),
+                       torch.zeros(4, P))
+
+
+def test_condition_dropout_only_in_training():
+    model = DiT(P, C, patch_size=16, hidden=32, depth=2, heads=4, cond_dropout=1.0)
+    for layer in (model.final_layer.linear, model.final_layer.adaLN_modulation[-1]):
+        torch.nn.init.normal_(layer.weight)  # so the output is not identically 0 and depends on the condition
+    x, t = torch.randn(1, P).expand(2, -1), torch.tensor([500, 500])
+    cond = torch.randn(2, C)
+    out = model.train()(x, t, cond)
+    assert torch.equal(out[0], out[1])  # both rows got the null embedding
+    out = model.eval()(x, t, cond)
+    assert not torch.allclose(out[0], out[1])
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
+def test_dit_generator_memorises(trained, sampler):
+    gen, hp, conds, targets, stats = trained
+    assert stats["steps"] == 600 and stats["loss"] < 0.2
+    sampling = NeuronGenerator(P, C, hp.replace(gen_scheduler=sampler))
+    sampling.load_state_dict(gen.state_dict())
+    assert relative_error(targets.mean(0).expand(E, -1), targets) == pytest.approx(1.0)
+    for steps in (1, 2, 10):
+        assert relative_error(sampling.sample(conds, steps=steps), targets) < 0.45, steps
+
+
+def test_mlp_generator_memorises():
+    conds, targets = task()
+    hp = hparams(generator="mlp", gen_epochs=300)
+    gen = NeuronGenerator(P, C, hp)
+    gen.train_on(conds, torch.arange(E), targets, hp, progress=False)
+    assert relative_error(gen.sample(conds), targets) < 0.05
+
+
+def test_paraphrases_share_their_edits_target():
+    conds, targets = task()
+    views = torch.cat([conds, conds + 0.01 * torch.randn(E, C)])  # each edit twice: itself and a near paraphrase
+    hp = hparams(generator="mlp", gen_epochs=300)
+    gen = NeuronGenerator(P, C, hp)
+    gen.train_on(views, torch.arange(E).repeat(2), targets, hp, progress=False)
+    assert relative_error(gen.sample(conds), targets) < 0.05
+
+
+def test_training_and_sampling_are_deterministic():
+    conds, targets = task()
+    hp = hparams(gen_epochs=5, gen_batch_size=4, gen_cond_dropout=0.3)
+    runs = []
+    for _ in range(2):
+        gen = NeuronGenerator(P, C, hp)
+        gen.train_on(conds, torch.arange(E), targets, hp, progress=False)
+        runs.append((gen.state_dict(), gen.sample(conds)))
+    (state_a, sample_a), (state_b, sample_b) = runs
+    assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)
+    assert torch.equal(sample_a, sample_b)
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
+def test_sampling_is_batch_independent(trained, sampler):
+    gen, hp, conds, _, _ = trained
+    gen = NeuronGenerator(P, C, hp.replace(gen_scheduler=sampler))
+    gen.load_state_dict(trained[0].state_dict())
+    batched = gen.sample(conds, steps=5)
+    alone = torch.cat([gen.sample(conds[i:i + 1], steps=5) for i in range(E)])
+    torch.testing.assert_close(alone, batched, rtol=1e-5, atol=1e-6)  # only matmul blocking may differ
+    assert torch.equal(gen.sample(conds[:3].flip(0), steps=5), gen.sample(conds[:3], steps=5).flip(0))
+
+
+def test_save_load_round_trip_is_bit_identical(trained):
+    gen, hp, conds, _, _ = trained
+    fresh = NeuronGenerator(P, C, hp)
+    assert not torch.equal(fresh.sample(conds), gen.sample(conds))
+    fresh.load_state_dict(gen.state_dict())
+    assert torch.equal(fresh.sample(conds), gen.sample(conds))
+    assert {"target_mean", "target_unit", "start_noise"} <= set(gen.state_dict())
+
+
+def test_concurrent_sampling_matches_sequential(trained):
+    gen, _, conds, _, _ = trained
+    chunks = conds.split(4)
+    sequential = [gen.sample(c) for c in chunks]
+    with ThreadPoolExecutor(4) as pool:
+        concurrent = list(pool.map(gen.sample, chunks))
+    assert all(torch.equal(a, b) for a, b in zip(sequential, concurrent))
+
+
+def test_bad_training_fails_clearly():
+    conds, targets = task()
+    hp = hparams(gen_epochs=3)
+    gen = NeuronGenerator(P, C, hp)
+    with pytest.raises(ValueError, match="NaN"):
+        gen.train_on(conds, torch.arange(E), targets.index_fill(1, torch.tensor([3]), float("nan")), hp, progress=False)
+    with pytest.raises(ValueError, match="noise schedule"):
+        gen.train_on(conds, torch.arange(E), targets, hp.replace(gen_prediction_type="sample"), progress=False)
+    with pytest.raises(RuntimeError, match="epoch 1/3"):
+        gen.train_on(conds, torch.arange(E), targets, hp.replace(gen_lr=1e15, gen_batch_size=4), progress=False)
