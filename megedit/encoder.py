@@ -71,7 +71,7 @@ def tune_encoder(encoder, pool: PseudoEditPool, hp, progress: bool = True) -> di
                 opt.zero_grad()  # (the official MeG code forgets this and accumulates gradients)
                 loss.backward()
                 opt.step()
-                losses.append(float(loss))
+                losses.append(loss.item())
                 bar.update()
                 bar.set_postfix(loss=f"{losses[-1]:.3f}")
     finally:

@@ -4,7 +4,10 @@ A K-way classifier over the (frozen, tuned) query embedding, trained to put ever
 random class (paper: K = 10). A query it has learned gives a confident, low-entropy prediction; the gate opens when the
 entropy is below ε. We add outlier exposure: near misses (same relation/other subject, same subject/other relation,
 unrelated) are trained towards the uniform prediction, so "close but different" queries get high entropy instead of
-whatever the net happens to say. ε is chosen on held-out calibration queries, never on evaluation data.
+whatever the net happens to say. A classifier's entropy is arbitrary far from everything it was trained on (an
+unrelated question is neither an edit view nor a near miss), so the gate also asks that the query lie within cosine
+similarity τ of some edit view it was trained on. ε and τ are chosen together on held-out calibration queries, never on
+evaluation data.
 """
 from __future__ import annotations
 
@@ -28,13 +31,16 @@ class ResidualBlock(nn.Module):
 
 
 class FamiliarityNet(nn.Module):
-    """Embedding (N, dim) -> K logits; ``epsilon`` (a buffer) is the entropy threshold of the gate."""
+    """Embedding (N, dim) -> K logits. Buffers: ``epsilon`` (entropy threshold), ``keys`` (embeddings of the edits'
+    views, fp16) and ``tau`` (the similarity a familiar query must reach to its nearest key)."""
 
-    def __init__(self, dim: int, hidden: int, blocks: int, classes: int):
+    def __init__(self, dim: int, hidden: int, blocks: int, classes: int, n_keys: int = 0):
         super().__init__()
         self.blocks = nn.Sequential(*[ResidualBlock(dim, hidden) for _ in range(blocks)])
         self.head = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, classes))
         self.register_buffer("epsilon", torch.tensor(float("nan")))
+        self.register_buffer("tau", torch.tensor(-1.0))
+        self.register_buffer("keys", torch.zeros(n_keys, dim, dtype=torch.float16))
 
     def forward(self, emb: torch.Tensor) -> torch.Tensor:
         return self.head(self.blocks(emb))
@@ -45,10 +51,21 @@ class FamiliarityNet(nn.Module):
         return -(logp.exp() * logp).sum(-1)
 
     @torch.no_grad()
+    def nearest_similarity(self, emb: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+        """Cosine similarity of each (normalised) embedding to its nearest key; 1 when there are no keys."""
+        emb = emb.to(self.keys.device).float()
+        if len(self.keys) == 0:
+            return emb.new_ones(len(emb))
+        best = emb.new_full((len(emb),), -1.0)
+        for start in range(0, len(self.keys), chunk):  # bounded memory however many edits
+            best = torch.maximum(best, (emb @ self.keys[start:start + chunk].float().T).max(dim=1).values)
+        return best
+
+    @torch.no_grad()
     def familiar(self, emb: torch.Tensor) -> torch.Tensor:
         if torch.isnan(self.epsilon):
-            raise RuntimeError("the familiarity gate has no epsilon yet: call choose_epsilon or set it")
-        return self.entropy(emb) < self.epsilon
+            raise RuntimeError("the familiarity gate has no epsilon yet: call choose_thresholds or set it")
+        return (self.entropy(emb) < self.epsilon) & (self.nearest_similarity(emb) >= self.tau)
 
 
 def train_familiarity(net: FamiliarityNet, pos: torch.Tensor, labels: torch.Tensor, neg: torch.Tensor, hp,
@@ -85,24 +102,35 @@ def train_familiarity(net: FamiliarityNet, pos: torch.Tensor, labels: torch.Tens
     return {"loss": losses[-1], "seconds": time.time() - start, "positives": len(pos), "negatives": len(neg)}
 
 
-def choose_epsilon(net: FamiliarityNet, familiar: torch.Tensor, unfamiliar: dict[str, torch.Tensor]) -> dict:
-    """Set ``net.epsilon`` to the entropy threshold with the best balanced accuracy on calibration queries.
+def choose_thresholds(net: FamiliarityNet, familiar: torch.Tensor, unfamiliar: dict[str, torch.Tensor],
+                      fixed_epsilon: float | None = None) -> dict:
+    """Set ``net.epsilon`` and ``net.tau`` to the pair with the best balanced accuracy on calibration queries.
 
     Balanced accuracy = (rate of familiar queries let through + mean over near-miss kinds of the rate kept out) / 2, so
-    each near-miss kind counts as much as the others however many there are. Returns the threshold and its rates.
+    each near-miss kind counts as much as the others however many there are. τ is searched among low quantiles of the
+    familiar queries' nearest-key similarity (it is a guard against far-away queries, not the main decision).
     """
-    h_fam = net.entropy(familiar).cpu()
-    h_unf = {k: net.entropy(v).cpu() for k, v in unfamiliar.items() if len(v)}
-    candidates = torch.cat([h_fam, *h_unf.values()]).unique()
-    candidates = torch.cat([candidates, candidates[-1:] + 1e-6])  # "everything familiar" is a candidate too
+    h_fam, s_fam = net.entropy(familiar).cpu(), net.nearest_similarity(familiar).cpu()
+    unf = {k: (net.entropy(v).cpu(), net.nearest_similarity(v).cpu()) for k, v in unfamiliar.items() if len(v)}
+    if fixed_epsilon is not None:
+        eps_grid = torch.tensor([fixed_epsilon])
+    else:
+        eps_grid = torch.cat([h_fam, *(h for h, _ in unf.values())]).unique()
+        eps_grid = torch.cat([eps_grid, eps_grid[-1:] + 1e-6])  # "everything familiar" is a candidate too
+    tau_grid = [-1.0] + torch.quantile(s_fam, torch.tensor([0.0, 0.005, 0.01, 0.02, 0.05])).tolist()
     best = None
-    for eps in candidates.tolist():
-        tpr = float((h_fam < eps).float().mean())
-        tnr = {k: float((h >= eps).float().mean()) for k, h in h_unf.items()}
-        bal = (tpr + sum(tnr.values()) / max(1, len(tnr))) / 2
-        if best is None or bal > best["balanced_accuracy"]:
-            best = {"epsilon": eps, "balanced_accuracy": bal, "familiar_pass": tpr, "near_miss_blocked": tnr}
+    for tau in tau_grid:
+        fam_close = s_fam >= tau
+        unf_far = {k: s < tau for k, (_, s) in unf.items()}
+        for eps in eps_grid.tolist():
+            tpr = float(((h_fam < eps) & fam_close).float().mean())
+            tnr = {k: float(((h >= eps) | unf_far[k]).float().mean()) for k, (h, _) in unf.items()}
+            bal = (tpr + sum(tnr.values()) / max(1, len(tnr))) / 2
+            if best is None or bal > best["balanced_accuracy"] + 1e-9:
+                best = {"epsilon": eps, "tau": tau, "balanced_accuracy": bal, "familiar_pass": tpr,
+                        "near_miss_blocked": tnr}
     net.epsilon.fill_(best["epsilon"])
+    net.tau.fill_(best["tau"])
     return best
 
 

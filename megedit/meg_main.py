@@ -19,7 +19,7 @@ from .arch import check_layer, neuron_size
 from .augment import NEAR_MISS_KINDS, PseudoEditPool
 from .data import load_requests, validate_requests
 from .encoder import embed, tune_encoder
-from .familiarity import FamiliarityNet, choose_epsilon, gate_rates, train_familiarity
+from .familiarity import FamiliarityNet, choose_thresholds, train_familiarity
 from .fitting import fit_neurons
 from .generator import NeuronGenerator
 from .hparams import MeGHyperParams
@@ -113,16 +113,18 @@ def train_meg(model, tok, requests: list[dict], hp: MeGHyperParams, progress: bo
     t0 = time.time()
     g = torch.Generator().manual_seed(hp.seed)
     edit_class = torch.randint(hp.familiarity_classes, (len(requests),), generator=g)
+    bare = torch.tensor([i % 2 == 0 for i in range(len(texts.positives))])  # positives alternate view, view + answer
     familiarity = FamiliarityNet(emb["pos"].shape[1], hp.familiarity_hidden, hp.familiarity_blocks,
-                                 hp.familiarity_classes).to(device)
+                                 hp.familiarity_classes, n_keys=int(bare.sum())).to(device)
+    familiarity.keys.copy_(emb["pos"][bare].half())
     report["familiarity"] = train_familiarity(familiarity, emb["pos"], edit_class[texts.positive_edit], emb["neg"], hp,
                                               progress)
     calib_unfamiliar = {k: emb[f"calib_{k}"] for k in texts.calib_unfamiliar}
-    if hp.familiarity_epsilon is None:
-        report["gate"] = choose_epsilon(familiarity, emb["calib"], calib_unfamiliar)
-    else:
+    if calib_unfamiliar and any(len(v) for v in calib_unfamiliar.values()):
+        report["gate"] = choose_thresholds(familiarity, emb["calib"], calib_unfamiliar, hp.familiarity_epsilon)
+    else:  # no pool, no calibration: the configured epsilon alone
         familiarity.epsilon.fill_(hp.familiarity_epsilon)
-        report["gate"] = {"epsilon": hp.familiarity_epsilon, **gate_rates(familiarity, emb["calib"], calib_unfamiliar)}
+        report["gate"] = {"epsilon": hp.familiarity_epsilon, "tau": -1.0}
     familiarity.requires_grad_(False)
     report["seconds"]["stage2_familiarity"] = time.time() - t0
 
