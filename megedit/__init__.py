@@ -1,11 +1,27 @@
-"""megedit: MeG (Massive editing for LLMs via dynamic weight Generation) as an EasyEdit-style editor."""
-from .data import load_requests, validate_requests
-from .evaluate import evaluate_requests, locality_reference
-from .hparams import HParamsError, MeGHyperParams
-from .loading import load_encoder, load_model
-from .meg_main import apply_meg_to_model, train_meg
-from .model import MeGEdit, MeGModel
+"""megedit: MeG (Massive editing for LLMs via dynamic weight Generation) as an EasyEdit-style editor.
+
+Names are imported on first use, so ``import megedit`` (and ``megedit --help``) stays fast.
+"""
+from importlib import import_module
 
 __version__ = "0.1.0"
-__all__ = ["MeGHyperParams", "HParamsError", "apply_meg_to_model", "train_meg", "load_model", "load_encoder",
-           "load_requests", "validate_requests", "evaluate_requests", "locality_reference", "MeGEdit", "MeGModel"]
+
+_EXPORTS = {
+    "MeGHyperParams": "hparams", "HParamsError": "hparams",
+    "apply_meg_to_model": "meg_main", "train_meg": "meg_main",
+    "load_model": "loading", "load_encoder": "loading",
+    "load_requests": "data", "validate_requests": "data",
+    "evaluate_requests": "evaluate", "locality_reference": "evaluate",
+    "MeGEdit": "model", "MeGModel": "model",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module 'megedit' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)

@@ -30,6 +30,20 @@ def _fill(template: str, subject: str) -> str:
     return template.format(subject)
 
 
+def evaluation_texts(request: dict) -> set[str]:
+    """The request's own evaluation prompts (rephrase, locality, portability): never a training text.
+
+    Needed because CounterFact reuses the same rephrase wordings across facts of a relation, so a pool rephrasing with
+    the edit's subject swapped in can be, word for word, the edit's own evaluation prompt.
+    """
+    out = {request.get("rephrase_prompt")}
+    for group in ("locality", "portability"):
+        for item in (request.get(group) or {}).values():
+            prompts = item.get("prompt") if isinstance(item, dict) else None
+            out.update(prompts if isinstance(prompts, list) else [prompts])
+    return {t for t in out if t}
+
+
 @dataclass
 class _PoolItem:
     prompt: str
@@ -102,7 +116,8 @@ class PseudoEditPool:
         for _ in range(n_prefixed):
             if self.prefixes:
                 out.append(rng.choice(self.prefixes) + prompt)
-        return list(dict.fromkeys(out))
+        held_out = evaluation_texts(request)
+        return [t for t in dict.fromkeys(out) if t not in held_out or t == prompt]
 
     def near_misses(self, request: dict, n: int, salt: str = "near") -> dict[str, list[tuple[str, str]]]:
         """Up to ``n`` (query, plausible answer) pairs of each near-miss kind for ``request``."""
@@ -123,4 +138,5 @@ class PseudoEditPool:
         unrelated = [(it.prompt, it.answer or "") for it in rng.sample(self.items, min(3 * n, len(self.items)))
                      if it.subject != subject and it.template != template]
         out["unrelated"] = unrelated[:n]
-        return out
+        held_out = evaluation_texts(request)
+        return {k: [(t, a) for t, a in pairs if t not in held_out] for k, pairs in out.items()}

@@ -28,7 +28,7 @@ def resolve_data_path(path: str | os.PathLike) -> Path:
 
 
 def detect_format(record: dict) -> str:
-    if "requested_rewrite" in record:
+    if isinstance(record.get("requested_rewrite"), dict):
         return "counterfact-rome"
     if "src" in record and "alt" in record:
         return "zsre"

@@ -46,6 +46,20 @@ def training_columns(pool: PseudoEditPool, n_pairs: int, hard_negatives: bool, s
     return [list(col) for col in zip(*rows)]
 
 
+def trainable_parameters(encoder, last_layers: int) -> list[torch.nn.Parameter]:
+    """The parameters of the encoder's last ``last_layers`` transformer layers (all parameters if 0).
+
+    The paper tunes only BERT's last layer: cheaper (no gradients below) and it keeps the pretrained features.
+    """
+    if last_layers <= 0:
+        return [p for p in encoder.parameters()]
+    blocks = [m for m in encoder.modules() if isinstance(m, torch.nn.ModuleList)]
+    if not blocks:
+        raise ValueError("cannot find the encoder's transformer layers; set encoder_trainable_layers: 0 to tune all")
+    layers = max(blocks, key=len)  # the stack of transformer layers
+    return [p for layer in list(layers)[-last_layers:] for p in layer.parameters()]
+
+
 def tune_encoder(encoder, pool: PseudoEditPool, hp, progress: bool = True) -> dict:
     """Tune ``encoder`` (a SentenceTransformer) in place; returns {"loss": [...], "seconds": s, "examples": n}."""
     columns = training_columns(pool, hp.encoder_pairs, hp.encoder_hard_negatives, hp.seed)
@@ -53,7 +67,11 @@ def tune_encoder(encoder, pool: PseudoEditPool, hp, progress: bool = True) -> di
     if n < 2:
         raise ValueError("the pseudo-edit pool gives fewer than 2 (prompt, paraphrase) pairs: cannot tune the encoder")
     loss_fn = MultipleNegativesRankingLoss(encoder, scale=hp.encoder_scale)
-    opt = torch.optim.AdamW(encoder.parameters(), lr=hp.encoder_lr)
+    params = trainable_parameters(encoder, hp.encoder_trainable_layers)
+    encoder.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=hp.encoder_lr)
     g = torch.Generator().manual_seed(hp.seed)
     losses, start = [], time.time()
     encoder.train()

@@ -93,7 +93,7 @@ def train_familiarity(net: FamiliarityNet, pos: torch.Tensor, labels: torch.Tens
                 loss.backward()
                 opt.step()
                 sched.step()
-                losses.append(float(loss))
+                losses.append(loss.item())
             if not math.isfinite(losses[-1]):
                 raise RuntimeError(f"familiarity training diverged (loss {losses[-1]})")
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
@@ -102,33 +102,42 @@ def train_familiarity(net: FamiliarityNet, pos: torch.Tensor, labels: torch.Tens
     return {"loss": losses[-1], "seconds": time.time() - start, "positives": len(pos), "negatives": len(neg)}
 
 
+def _midpoints(values: torch.Tensor) -> torch.Tensor:
+    """Thresholds between consecutive distinct values, plus one below and one above all of them."""
+    v = values.unique()
+    inner = (v[1:] + v[:-1]) / 2
+    return torch.cat([v[:1] - 1e-6, inner, v[-1:] + 1e-6])
+
+
 def choose_thresholds(net: FamiliarityNet, familiar: torch.Tensor, unfamiliar: dict[str, torch.Tensor],
-                      fixed_epsilon: float | None = None) -> dict:
+                      fixed_epsilon: float | None = None, tau_grid_size: int = 41) -> dict:
     """Set ``net.epsilon`` and ``net.tau`` to the pair with the best balanced accuracy on calibration queries.
 
     Balanced accuracy = (rate of familiar queries let through + mean over near-miss kinds of the rate kept out) / 2, so
-    each near-miss kind counts as much as the others however many there are. τ is searched among low quantiles of the
-    familiar queries' nearest-key similarity (it is a guard against far-away queries, not the main decision).
+    each near-miss kind counts as much as the others however many there are. Both thresholds are taken in the middle of
+    the range of equally good values (ε among midpoints of observed entropies, τ on an even grid of similarities), so
+    queries a little beyond the calibration set keep a margin on both sides.
     """
     h_fam, s_fam = net.entropy(familiar).cpu(), net.nearest_similarity(familiar).cpu()
     unf = {k: (net.entropy(v).cpu(), net.nearest_similarity(v).cpu()) for k, v in unfamiliar.items() if len(v)}
     if fixed_epsilon is not None:
         eps_grid = torch.tensor([fixed_epsilon])
     else:
-        eps_grid = torch.cat([h_fam, *(h for h, _ in unf.values())]).unique()
-        eps_grid = torch.cat([eps_grid, eps_grid[-1:] + 1e-6])  # "everything familiar" is a candidate too
-    tau_grid = [-1.0] + torch.quantile(s_fam, torch.tensor([0.0, 0.005, 0.01, 0.02, 0.05])).tolist()
-    best = None
-    for tau in tau_grid:
-        fam_close = s_fam >= tau
-        unf_far = {k: s < tau for k, (_, s) in unf.items()}
-        for eps in eps_grid.tolist():
-            tpr = float(((h_fam < eps) & fam_close).float().mean())
-            tnr = {k: float(((h >= eps) | unf_far[k]).float().mean()) for k, (h, _) in unf.items()}
-            bal = (tpr + sum(tnr.values()) / max(1, len(tnr))) / 2
-            if best is None or bal > best["balanced_accuracy"] + 1e-9:
-                best = {"epsilon": eps, "tau": tau, "balanced_accuracy": bal, "familiar_pass": tpr,
-                        "near_miss_blocked": tnr}
+        eps_grid = _midpoints(torch.cat([h_fam, *(h for h, _ in unf.values())]))
+    sims = torch.cat([s_fam, *(s for _, s in unf.values())])
+    tau_grid = torch.cat([torch.tensor([-1.0]), torch.linspace(float(sims.min()), float(s_fam.min()), tau_grid_size)])
+    per_tau = []
+    for tau in tau_grid.tolist():
+        tpr = ((h_fam[None, :] < eps_grid[:, None]) & (s_fam >= tau)).float().mean(1)  # (G,)
+        tnr = {k: ((h[None, :] >= eps_grid[:, None]) | (s < tau)).float().mean(1) for k, (h, s) in unf.items()}
+        bal = (tpr + torch.stack(list(tnr.values())).mean(0)) / 2 if tnr else tpr / 2  # (G,)
+        top = torch.nonzero(bal >= bal.max() - 1e-9).squeeze(1)
+        i = int(top[len(top) // 2])  # the middle of the best range of epsilon
+        per_tau.append({"epsilon": float(eps_grid[i]), "tau": tau, "balanced_accuracy": float(bal[i]),
+                        "familiar_pass": float(tpr[i]), "near_miss_blocked": {k: float(v[i]) for k, v in tnr.items()}})
+    top_bal = max(c["balanced_accuracy"] for c in per_tau)
+    ties = [c for c in per_tau if c["balanced_accuracy"] >= top_bal - 1e-9]
+    best = ties[len(ties) // 2]  # the middle of the best range of tau
     net.epsilon.fill_(best["epsilon"])
     net.tau.fill_(best["tau"])
     return best

@@ -150,16 +150,18 @@ def fit_neurons(model, tok, views: list[list[str]], targets: list[str], hp, prog
     trainable = [p for p in model.parameters() if p.requires_grad]
     model.requires_grad_(False)  # the LLM is frozen: no weight gradients, only the neuron's
     bar = tqdm(total=len(views), desc="stage 3: fit neurons", unit="edit", disable=not progress)
-    for start in range(0, len(views), chunk_edits):
-        part, signs = _fit_chunk(model, tok, neuron, mlp, hp.layer, views[start:start + chunk_edits],
-                                 targets[start:start + chunk_edits], init, hp)
-        part.weights = canonicalise(part.weights, signs, spec.form, d)
-        results.append(part)
-        bar.update(len(part.ok))
-        bar.set_postfix(ok=f"{float(torch.cat([r.ok for r in results]).float().mean()):.3f}")
-    bar.close()
-    for p in trainable:
-        p.requires_grad_(True)
+    try:
+        for start in range(0, len(views), chunk_edits):
+            part, signs = _fit_chunk(model, tok, neuron, mlp, hp.layer, views[start:start + chunk_edits],
+                                     targets[start:start + chunk_edits], init, hp)
+            part.weights = canonicalise(part.weights, signs, spec.form, d)
+            results.append(part)
+            bar.update(len(part.ok))
+            bar.set_postfix(ok=f"{float(torch.cat([r.ok for r in results]).float().mean()):.3f}")
+    finally:
+        bar.close()
+        for p in trainable:
+            p.requires_grad_(True)
     out = FitResult(*(torch.cat([getattr(r, f) for r in results]) for f in FitResult.__dataclass_fields__))
     bad = (~torch.isfinite(out.weights).all(dim=1)).nonzero().squeeze(1).tolist()
     if bad:

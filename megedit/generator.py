@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler
+from diffusers.training_utils import compute_density_for_timestep_sampling
 from tqdm.auto import tqdm
 
 from .dit import DiT
@@ -64,11 +65,13 @@ class NeuronGenerator(nn.Module):
         self.kind, self.sampler, self.sample_steps = hp.generator, hp.gen_scheduler, hp.gen_sample_steps
         self.seed = hp.seed
         self.schedule = noise_schedule(hp)
+        self.timestep_sampling, self.logit_mean, self.logit_std = (hp.gen_timestep_sampling, hp.gen_logit_mean,
+                                                                   hp.gen_logit_std)
         with torch.random.fork_rng(devices=[]):  # deterministic initialisation without touching the global RNG
             torch.manual_seed(hp.seed)
             if self.kind == "dit":
                 self.net = DiT(vector_size, cond_dim, hp.dit_patch_size, hp.dit_hidden, hp.dit_depth, hp.dit_heads,
-                               hp.dit_mlp_ratio, hp.gen_cond_dropout)
+                               hp.dit_mlp_ratio, hp.gen_cond_dropout, hp.dit_token_conditioning)
             else:
                 self.net = MLPGenerator(cond_dim, vector_size, hp.dit_hidden, hp.dit_depth)
         self.net.eval()
@@ -128,7 +131,11 @@ class NeuronGenerator(nn.Module):
             return F.mse_loss(self.net(cond), x0)
         N, device = len(x0), x0.device
         noise = torch.randn(x0.shape, generator=g, device=device)  # (N, P)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (N,), generator=g, device=device)  # (N,)
+        # Few-step sampling only visits the noisiest timesteps; SD3's logit-normal density can put training there.
+        u = compute_density_for_timestep_sampling(self.timestep_sampling, N, self.logit_mean, self.logit_std,
+                                                  device=device, generator=g)
+        T = scheduler.config.num_train_timesteps
+        t = (u * T).long().clamp_(0, T - 1)  # (N,)
         drop = torch.rand(N, generator=g, device=device) < cond_dropout  # (N,)
         prediction = self.net(scheduler.add_noise(x0, noise, t), t, cond, force_drop=drop)  # (N, P)
         kind = scheduler.config.prediction_type

@@ -75,6 +75,7 @@ class MeGHyperParams:
     encoder_epochs: int = 1
     encoder_batch_size: int = 64
     encoder_lr: float = 2e-5
+    encoder_trainable_layers: int = 2  # tune only the last N transformer layers (0 = all); the paper tunes one
     encoder_scale: float = 20.0  # 1/temperature of the InfoNCE logits
     encoder_hard_negatives: bool = True
 
@@ -104,6 +105,7 @@ class MeGHyperParams:
     dit_heads: int = 4
     dit_patch_size: int = 64
     dit_mlp_ratio: float = 4.0
+    dit_token_conditioning: bool = True  # also add the projected query embedding to every patch token
     gen_epochs: int = 200
     gen_batch_size: int = 256
     gen_lr: float = 3e-4
@@ -111,6 +113,9 @@ class MeGHyperParams:
     gen_cond_dropout: float = 0.0
     gen_train_timesteps: int = 1000
     gen_beta_schedule: str = "linear"
+    gen_timestep_sampling: str = "uniform"  # or "logit_normal" (SD3): train more where few-step sampling goes
+    gen_logit_mean: float = 0.0
+    gen_logit_std: float = 1.0
     gen_prediction_type: str = "v_prediction"
     gen_scheduler: str = "ddim"  # sampler: "ddim" or "ddpm"
     gen_sample_steps: int = 10
@@ -133,6 +138,7 @@ class MeGHyperParams:
         if self.alg_name != "MeG":
             raise HParamsError(f"alg_name must be 'MeG' for MeGHyperParams, got {self.alg_name!r}")
         choices = {"generator": ("dit", "mlp"), "gen_scheduler": ("ddim", "ddpm"),
+                   "gen_timestep_sampling": ("uniform", "logit_normal"),
                    "gen_prediction_type": ("v_prediction", "epsilon", "sample"),
                    "pseudo_edit_format": ("auto", "counterfact", "counterfact-rome", "zsre")}
         for name, allowed in choices.items():
@@ -177,12 +183,15 @@ class MeGHyperParams:
         p = Path(path)
         if not p.exists() and p.suffix != ".yaml" and Path(f"{path}.yaml").exists():
             p = Path(f"{path}.yaml")
-        if not p.exists():
-            raise HParamsError(f"hparams file {str(path)!r} does not exist")
+        if not p.is_file():
+            what = "is a folder, not a file" if p.is_dir() else "does not exist"
+            raise HParamsError(f"hparams file {str(path)!r} {what}")
         try:
             config = yaml.safe_load(p.read_text())
         except yaml.YAMLError as e:
-            raise HParamsError(f"{p} is not valid YAML: {e}") from None
+            where = getattr(e, "problem_mark", None)
+            at = f" (line {where.line + 1}, column {where.column + 1})" if where else ""
+            raise HParamsError(f"{p} is not valid YAML{at}: {getattr(e, 'problem', None) or e}") from None
         if not isinstance(config, dict):
             raise HParamsError(f"{p} must be a YAML mapping of hparams keys to values")
         return cls.from_dict(config, source=str(p))

@@ -158,10 +158,10 @@ def apply_meg_to_model(model, tok, requests, hparams: MeGHyperParams, copy: bool
     requests = validate_requests(requests)
     check_layer(model, hparams.layer)
     if isinstance(model, MeGModel):  # editing again replaces the previous MeG edit
-        model = model.unload()
-    remove_neuron(model)
-    if copy:
+        model = copy_module.deepcopy(model.model) if copy else model.unload()
+    elif copy:
         model = copy_module.deepcopy(model)
+    remove_neuron(model)
     weights_copy = {}
     if return_orig_weights:
         prefix = f"{_layers_path(model)}.{hparams.layer}."

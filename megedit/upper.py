@@ -112,7 +112,7 @@ class TailStack:
         d = hidden_size(model)
         keys: list[torch.Tensor | None] = [None] * n_layers
         values: list[torch.Tensor | None] = [None] * n_layers
-        mlp_in = torch.zeros(S, P, d, device=device)
+        mlp_in = torch.zeros(S, P, d, device=device, dtype=next(model.parameters()).dtype)
         if P == 0:
             return keys, values, mlp_in
         lengths = batch.prefix_mask.sum(1)

@@ -1,0 +1,120 @@
+"""``megedit`` CLI: help, and bad input rejected with one line and exit status 2 before any model is loaded."""
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+import megedit
+import megedit.loading
+from megedit.cli import main
+
+from test_data import data_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+HPARAMS = ROOT / "hparams" / "MeG" / "smollm2-135m.yaml"
+
+
+def megedit_command() -> list[str]:
+    exe = Path(sys.executable).parent / "megedit"
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "megedit.cli"]
+
+
+@pytest.fixture()
+def no_model_loading(monkeypatch):
+    """Any attempt to load the LLM fails the test."""
+    def tripwire(*args, **kwargs):
+        raise AssertionError("a model was loaded before the input was checked")
+
+    monkeypatch.setattr(megedit, "load_model", tripwire)
+    monkeypatch.setattr(megedit.loading, "load_model", tripwire)
+
+
+def run_edit(capsys, *args) -> tuple[int, str, float]:
+    start = time.perf_counter()
+    rc = main(["edit", *map(str, args)])
+    elapsed = time.perf_counter() - start
+    err = capsys.readouterr().err
+    return rc, err, elapsed
+
+
+def assert_one_line_error(rc, err, elapsed, *fragments):
+    assert rc == 2
+    assert err.endswith("\n") and err.count("\n") == 1, err  # one line, no traceback
+    assert err.startswith("megedit edit: error: ")
+    for fragment in fragments:
+        assert fragment in err, (fragment, err)
+    assert elapsed < 10
+
+
+def bad_yaml(tmp_path, **extra) -> Path:
+    config = yaml.safe_load(HPARAMS.read_text())
+    path = tmp_path / "hp.yaml"
+    path.write_text(yaml.safe_dump({**config, "model_name": str(tmp_path / "no-such-model"), **extra}))
+    return path
+
+
+def test_help():
+    out = subprocess.run([*megedit_command(), "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "edit" in out.stdout and "usage: megedit" in out.stdout
+
+
+def test_edit_help(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["edit", "--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and "--data" in out and "--set" in out and "hparams" in out
+
+
+def test_bad_hparams_key(tmp_path, capsys, no_model_loading):
+    rc, err, elapsed = run_edit(capsys, bad_yaml(tmp_path, fit_stpes=3), "--data", "x.json")
+    assert_one_line_error(rc, err, elapsed, "unknown key(s) 'fit_stpes' (did you mean 'fit_steps'?)", "hp.yaml")
+
+
+def test_bad_hparams_key_from_the_console_script(tmp_path):
+    """The real entry point, in a fresh process: exit 2 and one line, long before a model could load."""
+    start = time.perf_counter()
+    out = subprocess.run([*megedit_command(), "edit", str(bad_yaml(tmp_path, fit_stpes=3)), "--data", "x.json"],
+                         capture_output=True, text=True, timeout=120)
+    elapsed = time.perf_counter() - start
+    assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
+    assert "'fit_stpes' (did you mean 'fit_steps'?)" in out.stderr and out.stdout == ""
+    assert elapsed < 60  # python + torch imports only (about 10 s on a busy 2-core machine)
+
+
+def test_missing_data_file(tmp_path, capsys, no_model_loading, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MEGEDIT_DATA", str(tmp_path))
+    rc, err, elapsed = run_edit(capsys, HPARAMS, "--data", "missing-edits.json", "--n", "3")
+    assert_one_line_error(rc, err, elapsed, "data file 'missing-edits.json' does not exist")
+
+
+def test_missing_pseudo_edit_data(tmp_path, capsys, no_model_loading, monkeypatch):
+    monkeypatch.setenv("MEGEDIT_DATA", str(data_dir()))
+    rc, err, elapsed = run_edit(capsys, HPARAMS, "--data", "counterfact/counterfact-val.json", "--n", "2",
+                                "--pseudo-data", str(tmp_path / "no-pool.json"))
+    assert_one_line_error(rc, err, elapsed, "no-pool.json", "does not exist")
+
+
+@pytest.mark.parametrize("pair, fragment", [("fit_steps", "--set expects KEY=VALUE, got 'fit_steps'"),
+                                            ("fit_steps=many", "field 'fit_steps' must be"),
+                                            ("fit_stepz=3", "did you mean 'fit_steps'?")])
+def test_bad_set(capsys, no_model_loading, pair, fragment):
+    rc, err, elapsed = run_edit(capsys, HPARAMS, "--data", "x.json", "--set", pair)
+    assert_one_line_error(rc, err, elapsed, fragment)
+
+
+def test_bad_request_in_the_data(tmp_path, capsys, no_model_loading):
+    data = tmp_path / "edits.json"
+    data.write_text('[{"prompt": "The capital of France is", "subject": "Spain", "target_new": "Rome"}]')
+    rc, err, elapsed = run_edit(capsys, HPARAMS, "--data", data, "--n", "1")
+    assert_one_line_error(rc, err, elapsed, "subject 'Spain' is not a substring")
+
+
+def test_malformed_yaml_is_one_line(tmp_path, capsys, no_model_loading):
+    path = tmp_path / "broken.yaml"
+    path.write_text("model_name: tiny\nlayer: [1, 2\n")
+    rc, err, elapsed = run_edit(capsys, path, "--data", "x.json")
+    assert_one_line_error(rc, err, elapsed, "broken.yaml is not valid YAML")
