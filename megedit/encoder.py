@@ -99,9 +99,15 @@ def tune_encoder(encoder, pool: PseudoEditPool, hp, progress: bool = True) -> di
 
 
 @torch.no_grad()
+def _embedding_dim(encoder) -> int:
+    # sentence-transformers renamed the getter in 5.x; keep both so older installs work
+    getter = getattr(encoder, "get_embedding_dimension", None) or encoder.get_sentence_embedding_dimension
+    return getter()
+
+
 def embed(encoder, texts: list[str], batch_size: int = 128) -> torch.Tensor:
     """L2-normalised sentence embeddings (N, dim) on the CPU, in input order."""
     if not texts:
-        return torch.zeros(0, encoder.get_sentence_embedding_dimension())
+        return torch.zeros(0, _embedding_dim(encoder))
     emb = encoder.encode(list(texts), batch_size=batch_size, convert_to_tensor=True, show_progress_bar=False)
     return F.normalize(emb.float(), dim=-1).cpu()

@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler
+from diffusers.optimization import get_cosine_schedule_with_warmup
 from diffusers.training_utils import compute_density_for_timestep_sampling
 from tqdm.auto import tqdm
 
@@ -105,6 +106,9 @@ class NeuronGenerator(nn.Module):
         g = torch.Generator(device).manual_seed(hp.seed)  # batches, noise, timesteps and condition dropout
         scheduler = DDPMScheduler(**self.schedule)
         opt = torch.optim.AdamW(self.net.parameters(), lr=hp.gen_lr, weight_decay=hp.gen_weight_decay)
+        total_steps = hp.gen_epochs * math.ceil(len(conds) / hp.gen_batch_size)
+        # memorising E targets: a short warm-up, then a cosine decay that lets the last epochs settle precisely
+        lr_schedule = get_cosine_schedule_with_warmup(opt, max(1, total_steps // 20), total_steps)
         M, steps, start = len(conds), 0, time.perf_counter()
         self.net.train()
         bar = tqdm(range(hp.gen_epochs), desc="stage 4: train generator", disable=not progress)
@@ -115,6 +119,7 @@ class NeuronGenerator(nn.Module):
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+                lr_schedule.step()
                 total += loss.detach() * len(idx)
                 steps += 1
             epoch_loss = (total / M).item()

