@@ -106,12 +106,15 @@ class NeuronGenerator(nn.Module):
         g = torch.Generator(device).manual_seed(hp.seed)  # batches, noise, timesteps and condition dropout
         scheduler = DDPMScheduler(**self.schedule)
         opt = torch.optim.AdamW(self.net.parameters(), lr=hp.gen_lr, weight_decay=hp.gen_weight_decay)
-        total_steps = hp.gen_epochs * math.ceil(len(conds) / hp.gen_batch_size)
+        batches = math.ceil(len(conds) / hp.gen_batch_size)
+        # a small edit set gives few batches per epoch: run enough epochs to reach gen_min_steps optimiser steps
+        epochs = max(hp.gen_epochs, math.ceil(hp.gen_min_steps / batches))
+        total_steps = epochs * batches
         # memorising E targets: a short warm-up, then a cosine decay that lets the last epochs settle precisely
         lr_schedule = get_cosine_schedule_with_warmup(opt, max(1, total_steps // 20), total_steps)
         M, steps, start = len(conds), 0, time.perf_counter()
         self.net.train()
-        bar = tqdm(range(hp.gen_epochs), desc="stage 4: train generator", disable=not progress)
+        bar = tqdm(range(epochs), desc="stage 4: train generator", disable=not progress)
         for epoch in bar:
             total = torch.zeros((), device=device)
             for idx in torch.randperm(M, generator=g, device=device).split(hp.gen_batch_size):
@@ -125,7 +128,7 @@ class NeuronGenerator(nn.Module):
             epoch_loss = (total / M).item()
             if not math.isfinite(epoch_loss):
                 raise RuntimeError(f"generator training diverged: loss {epoch_loss} in epoch "
-                                   f"{epoch + 1}/{hp.gen_epochs} (lr {hp.gen_lr}); lower gen_lr or gen_target_scale")
+                                   f"{epoch + 1}/{epochs} (lr {hp.gen_lr}); lower gen_lr or gen_target_scale")
             bar.set_postfix(loss=f"{epoch_loss:.4f}")
         self.net.eval()
         return {"loss": epoch_loss, "seconds": time.perf_counter() - start, "steps": steps}

@@ -107,6 +107,7 @@ class MeGHyperParams:
     dit_mlp_ratio: float = 4.0
     dit_token_conditioning: bool = True  # also add the projected query embedding to every patch token
     gen_epochs: int = 200
+    gen_min_steps: int = 0  # at least this many optimiser steps, whatever the number of edits
     gen_batch_size: int = 256
     gen_lr: float = 3e-4
     gen_weight_decay: float = 0.0
@@ -150,6 +151,8 @@ class MeGHyperParams:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise HParamsError(f"hparams field {name!r} must be positive, got {getattr(self, name)!r}")
+        if self.gen_min_steps < 0:
+            raise HParamsError(f"hparams field 'gen_min_steps' must be >= 0, got {self.gen_min_steps!r}")
         if self.familiarity_classes < 2:
             raise HParamsError("familiarity_classes must be at least 2 (entropy of a 1-way prediction is always 0)")
         if self.layer < 0:

@@ -159,3 +159,12 @@ def test_bad_training_fails_clearly():
         gen.train_on(conds, torch.arange(E), targets, hp.replace(gen_prediction_type="sample"), progress=False)
     with pytest.raises(RuntimeError, match="epoch 1/3"):
         gen.train_on(conds, torch.arange(E), targets, hp.replace(gen_lr=1e15, gen_batch_size=4), progress=False)
+
+
+def test_min_steps_lengthens_training_for_small_edit_sets():
+    conds, targets = task()  # E=16 samples at batch 16: one optimiser step per epoch
+    hp = hparams(generator="mlp", gen_epochs=2, gen_min_steps=7)
+    stats = NeuronGenerator(P, C, hp).train_on(conds, torch.arange(E), targets, hp, progress=False)
+    assert stats["steps"] == 7
+    hp = hparams(generator="mlp", gen_epochs=3, gen_min_steps=0)
+    assert NeuronGenerator(P, C, hp).train_on(conds, torch.arange(E), targets, hp, progress=False)["steps"] == 3
