@@ -19,6 +19,8 @@ def add_parser(sub) -> None:
     p.add_argument("--pseudo-data", help="pseudo-edit pool (overrides pseudo_edit_data in the hparams)")
     p.add_argument("--device", help="overrides device in the hparams")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override any hparams field")
+    p.add_argument("--probe-questions", help="requests file whose locality prompts are unrelated questions for the "
+                   "gate probe, e.g. zsre/zsre_mend_train-1k.json (NQ questions)")
     p.add_argument("--out", default="results/edit", help="folder for results.json")
     p.set_defaults(func=main)
 
@@ -46,6 +48,8 @@ def main(args) -> int:
     from .cli import environment, write_json
     from .data import validate_requests
     from .hparams import MeGHyperParams
+    from .meg_main import load_pool
+    from .probe import gate_probe
 
     hp = MeGHyperParams.from_hparams(args.hparams)
     changes = parse_overrides(args.set)
@@ -59,6 +63,10 @@ def main(args) -> int:
         from .data import resolve_data_path
 
         resolve_data_path(hp.pseudo_edit_data)  # fail now, not after loading the model
+    questions = []
+    if args.probe_questions:
+        questions = [loc["prompt"] for r in load_requests("auto", args.probe_questions)
+                     for loc in (r.get("locality") or {}).values() if isinstance(loc, dict) and loc.get("prompt")]
     started = time.time()
     model, tok = load_model(hp)
     check_layer(model, hp.layer)
@@ -73,12 +81,16 @@ def main(args) -> int:
     post = evaluate_requests(edited, tok, requests, reference, hp.eval_batch_size)
     post_s = time.time() - t0
     report = edited.report
+    report["gate_probe"] = gate_probe(edited.edit, requests, load_pool(requests, hp), questions)
 
     print(f"\nMeG on {hp.model_name}, {len(requests)} edits from {args.data}")
     print(format_table(pre["summary"], post["summary"]))
     gate = report.get("gate", {})
     print(f"\ngate: epsilon={gate.get('epsilon', float('nan')):.4f}  calibration: familiar passed "
           f"{gate.get('familiar_pass', float('nan')):.3f}, near misses blocked {gate.get('near_miss_blocked', {})}")
+    probe = report["gate_probe"]
+    print("gate on fresh queries (fraction judged familiar; n): " + ", ".join(
+        f"{k} {v:.3f} ({probe['n'][k]})" for k, v in probe["familiar_rate"].items()))
     print(f"neuron fits reproducing the target: {report['fit']['ok']:.3f}")
     print("\nseconds: " + ", ".join(f"{k} {v:.1f}" for k, v in
                                    {"load": load_s, "pre-eval": pre_s, **report["seconds"], "post-eval": post_s}.items()))

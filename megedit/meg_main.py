@@ -42,6 +42,14 @@ class TrainingTexts:
     calib_unfamiliar: dict[str, list[str]] = field(default_factory=dict)  # held-out near misses per kind
 
 
+def load_pool(requests: list[dict], hp: MeGHyperParams) -> PseudoEditPool | None:
+    """The pseudo-edit pool, without any record about an edited subject; None when the hparams name none."""
+    if not hp.pseudo_edit_data:
+        return None
+    return PseudoEditPool(load_requests(hp.pseudo_edit_format, hp.pseudo_edit_data),
+                          exclude_subjects={r.get("subject") for r in requests if r.get("subject")}, seed=hp.seed)
+
+
 def build_texts(requests: list[dict], pool: PseudoEditPool | None, hp: MeGHyperParams) -> TrainingTexts:
     views, positives, positive_edit, negatives = [], [], [], []
     calib_familiar: list[str] = []
@@ -89,11 +97,7 @@ def train_meg(model, tok, requests: list[dict], hp: MeGHyperParams, progress: bo
     device = next(model.parameters()).device
     report: dict = {"n_edits": len(requests), "seconds": {}}
     t0 = time.time()
-    pool = None
-    if hp.pseudo_edit_data:
-        pool_requests = load_requests(hp.pseudo_edit_format, hp.pseudo_edit_data)
-        pool = PseudoEditPool(pool_requests, exclude_subjects={r.get("subject") for r in requests if r.get("subject")},
-                              seed=hp.seed)
+    pool = load_pool(requests, hp)
     texts = build_texts(requests, pool, hp)
     report["seconds"]["views"] = time.time() - t0
 

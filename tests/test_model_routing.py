@@ -242,3 +242,29 @@ def test_unload_restores_the_original_model(setup):
     some_neuron = NeuronBatch(torch.tensor([0]), torch.randn(1, neuron_size(original)) * 3, len(MIXED))
     with torch.no_grad(), active_neurons(some_neuron):  # no hook left to pick it up
         assert torch.equal(original(**enc).logits, before)
+
+
+def test_gate_probe_rates_per_kind_and_never_on_trained_texts(parts):
+    from megedit.augment import PseudoEditPool
+    from megedit.probe import _seen_by_training, gate_probe
+
+    encoder, familiarity, generator, hp, _ = parts
+    edit = MeGEdit(encoder, familiarity, generator, LAYER, hp)
+    requests = [{"prompt": EDIT[0], "subject": "Danielle Darrieux", "target_new": "English",
+                 "rephrase_prompt": EDIT[0],  # identical to a key: must pass
+                 "locality": {"neighborhood": {"prompt": OTHER[0], "ground_truth": "France"}}}]
+    pool = PseudoEditPool([
+        {"prompt": f"The mother tongue of {s} is", "subject": s, "ground_truth": a,
+         "rephrase_prompt": f"Where they grew up, {s} spoke"}
+        for s, a in [("Jean Gabin", "French"), ("Sophia Loren", "Italian"), ("Pedro Almodovar", "Spanish")]
+    ] + [{"prompt": f"{s} plays the", "subject": s, "ground_truth": a}
+         for s, a in [("Miles Davis", "trumpet"), ("Yo-Yo Ma", "cello")]], seed=0)
+    out = gate_probe(edit, requests, pool, questions=["nq question: who wrote hamlet"])
+    rates = out["familiar_rate"]
+    assert rates["edit_prompt"] == 1.0 and rates["rephrase"] == 1.0
+    assert rates["locality"] == 0.0 and rates["questions"] == 0.0
+    assert out["n"]["questions"] == 1
+    assert all(0.0 <= v <= 1.0 for v in rates.values())
+    seen = _seen_by_training(pool, requests, hp)
+    fresh = [t for pairs in pool.near_misses(requests[0], 2, salt="probe").values() for t, _ in pairs if t not in seen]
+    assert sum(out["n"].get(f"near_{k}", 0) for k in ("same_relation", "same_subject", "unrelated")) == len(fresh)

@@ -1,0 +1,54 @@
+"""How the familiarity gate treats queries it never trained or calibrated on.
+
+Locality rests on the gate alone, so its rates are reported per kind of query:
+- should pass: the edit prompts and their dataset rephrasings (evaluation data; measured here, never trained on);
+- should be blocked: the dataset's locality prompts, fresh near misses of each kind drawn from the pseudo-edit pool with
+  a salt of their own (minus every text the gate trained or was calibrated on), and unrelated questions (e.g. the NQ
+  questions of zsRE's locality set).
+"""
+from __future__ import annotations
+
+import torch
+
+from .augment import NEAR_MISS_KINDS, PseudoEditPool
+from .encoder import embed
+from .model import MeGEdit
+
+
+@torch.no_grad()
+def familiar_rate(edit: MeGEdit, texts: list[str]) -> float | None:
+    if not texts:
+        return None
+    return float(edit.familiarity.familiar(embed(edit.encoder, texts)).float().mean())
+
+
+def _seen_by_training(pool: PseudoEditPool, requests: list[dict], hp) -> set[str]:
+    """The near misses the gate learned from (salt "near") or was calibrated on (salt "calibration")."""
+    seen = set()
+    for r in requests:
+        for salt, n in (("near", hp.n_near_misses), ("calibration", 1)):
+            for pairs in pool.near_misses(r, n, salt=salt).values():
+                seen.update(t for t, _ in pairs)
+    return seen
+
+
+def gate_probe(edit: MeGEdit, requests: list[dict], pool: PseudoEditPool | None, questions: list[str] = (),
+               n_per_kind: int = 2) -> dict:
+    """Gate pass rates on fresh queries of each kind; ``rates[kind]`` is the fraction judged familiar."""
+    groups: dict[str, list[str]] = {
+        "edit_prompt": [r["prompt"] for r in requests],
+        "rephrase": [r["rephrase_prompt"] for r in requests if r.get("rephrase_prompt")],
+        "locality": [loc["prompt"] for r in requests for loc in (r.get("locality") or {}).values()
+                     if isinstance(loc, dict) and isinstance(loc.get("prompt"), str)],
+    }
+    if pool is not None:
+        seen = _seen_by_training(pool, requests, edit.hparams)
+        fresh = {k: [] for k in NEAR_MISS_KINDS}
+        for r in requests:
+            for kind, pairs in pool.near_misses(r, n_per_kind, salt="probe").items():
+                fresh[kind] += [t for t, _ in pairs if t not in seen]
+        groups.update({f"near_{k}": v for k, v in fresh.items()})
+    groups["questions"] = list(questions)
+    rates = {k: familiar_rate(edit, v) for k, v in groups.items()}
+    return {"familiar_rate": {k: v for k, v in rates.items() if v is not None},
+            "n": {k: len(v) for k, v in groups.items() if v}}
