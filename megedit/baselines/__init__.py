@@ -1,0 +1,1 @@
+"""Baseline editors that the installed EasyEdit lacks, built on its own machinery (see ``alphaedit``)."""
