@@ -10,7 +10,7 @@ _EXPORTS = {
     "MeGHyperParams": "hparams", "HParamsError": "hparams",
     "apply_meg_to_model": "meg_main", "train_meg": "meg_main",
     "load_model": "loading", "load_encoder": "loading",
-    "load_requests": "data", "validate_requests": "data",
+    "load_requests": "data", "validate_requests": "data", "make_requests": "data",
     "evaluate_requests": "evaluate", "locality_reference": "evaluate",
     "MeGEdit": "model", "MeGModel": "model",
 }

@@ -37,8 +37,7 @@ ARCHS: dict[str, ArchSpec] = {
 }
 
 
-def arch_of(model: nn.Module) -> ArchSpec:
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
+def spec_for(model_type: str | None) -> ArchSpec:
     if model_type not in ARCHS:
         raise ValueError(
             f"megedit does not know where the MLP of model_type={model_type!r} is; supported: {sorted(ARCHS)}. "
@@ -47,11 +46,16 @@ def arch_of(model: nn.Module) -> ArchSpec:
     return ARCHS[model_type]
 
 
+def arch_of(model: nn.Module) -> ArchSpec:
+    return spec_for(getattr(getattr(model, "config", None), "model_type", None))
+
+
 def get_module(root: nn.Module, path: str) -> nn.Module:
     module = root
     for part in path.split("."):
         if not hasattr(module, part):
-            raise ValueError(f"module path {path!r} does not exist in {type(root).__name__} (no {part!r})")
+            raise ValueError(f"module path {path!r} does not exist in {type(root).__name__} (no {part!r}); fix the "
+                             "ArchSpec of this model type in megedit.arch.ARCHS")
         module = getattr(module, part)
     return module
 
@@ -71,7 +75,26 @@ def neuron_size(model: nn.Module) -> int:
     return 2 * d if arch_of(model).form == "gated" else 2 * d + 1
 
 
+def _layer_range_error(layer: int, model_type: str, n: int) -> ValueError:
+    return ValueError(f"hparams field 'layer' = {layer} is out of range: this {model_type} model has {n} decoder layers; "
+                      f"set layer to one of 0..{n - 1}")
+
+
+def check_config(config, layer: int) -> None:
+    """What can be checked from the model's config alone, before its weights are loaded."""
+    spec_for(config.model_type)
+    n = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None)
+    if n is not None and not 0 <= layer < n:
+        raise _layer_range_error(layer, config.model_type, n)
+
+
 def check_layer(model: nn.Module, layer: int) -> None:
+    """The layer exists and its MLP and final norm are where ``ARCHS`` says (before any work starts)."""
     n = len(decoder_layers(model))
     if not 0 <= layer < n:
-        raise ValueError(f"layer={layer} is out of range: {model.config.model_type} has {n} layers (0..{n - 1})")
+        raise _layer_range_error(layer, model.config.model_type, n)
+    spec = arch_of(model)
+    if not hasattr(decoder_layers(model)[layer], spec.mlp):
+        raise ValueError(f"module path '{spec.layers}.{layer}.{spec.mlp}' does not exist in {type(model).__name__}; "
+                         f"fix the ArchSpec of {model.config.model_type!r} in megedit.arch.ARCHS")
+    get_module(model, spec.final_norm)

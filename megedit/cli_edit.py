@@ -42,9 +42,22 @@ def format_table(pre: dict, post: dict) -> str:
     return "\n".join(rows)
 
 
+def model_config(model_name: str):
+    """The model's config alone (no weights), to check hparams against it early."""
+    from transformers import AutoConfig
+
+    from .loading import resolve_model_path
+
+    try:
+        return AutoConfig.from_pretrained(resolve_model_path(model_name))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"hparams field 'model_name' = {model_name!r}: cannot read its config ({e}); set it to a "
+                         "builtin (smollm2-135m), a local model folder or a hub id") from None
+
+
 def main(args) -> int:
     from . import apply_meg_to_model, evaluate_requests, load_model, load_requests, locality_reference
-    from .arch import check_layer
+    from .arch import check_config, check_layer
     from .cli import environment, write_json
     from .data import validate_requests
     from .hparams import MeGHyperParams
@@ -63,6 +76,7 @@ def main(args) -> int:
         from .data import resolve_data_path
 
         resolve_data_path(hp.pseudo_edit_data)  # fail now, not after loading the model
+    check_config(model_config(hp.model_name), hp.layer)  # layer range and architecture, before loading weights
     questions = []
     if args.probe_questions:
         questions = [loc["prompt"] for r in load_requests("auto", args.probe_questions)

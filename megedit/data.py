@@ -125,7 +125,7 @@ def validate_requests(requests, need_subject: bool = False) -> list[dict]:
     requests = list(requests)
     if not requests:
         raise ValueError("no requests to edit: the request list is empty")
-    seen: dict[str, str] = {}
+    seen: dict[str, tuple] = {}  # prompt -> (target_new, case_id) of its first edit
     for i, r in enumerate(requests):
         where = f"request {i} (case_id {r.get('case_id', i)!r})" if isinstance(r, dict) else f"request {i}"
         if not isinstance(r, dict):
@@ -140,10 +140,32 @@ def validate_requests(requests, need_subject: bool = False) -> list[dict]:
             raise ValueError(f"{where} has no 'subject'; this method needs the subject of each edit")
         if subject and subject not in r["prompt"]:
             raise ValueError(f"{where}: subject {subject!r} is not a substring of prompt {r['prompt']!r}")
-        previous = seen.setdefault(r["prompt"], r["target_new"])
-        if previous != r["target_new"]:
+        # the same prompt with two answers cannot both hold: reject rather than silently keep one
+        target, first_id = seen.setdefault(r["prompt"], (r["target_new"], r.get("case_id", i)))
+        if target != r["target_new"]:
             raise ValueError(
-                f"{where}: prompt {r['prompt']!r} is edited twice with conflicting targets {previous!r} and "
-                f"{r['target_new']!r}; drop one of them"
+                f"{where}: prompt {r['prompt']!r} is edited twice with conflicting targets {target!r} "
+                f"(case_id {first_id!r}) and {r['target_new']!r} (case_id {r.get('case_id', i)!r}); drop one of them"
             )
     return requests
+
+
+def make_requests(prompts: list[str], target_new: list[str], subject: list[str] | None = None,
+                  ground_truth: list[str] | None = None, rephrase_prompts: list[str] | None = None) -> list[dict]:
+    """Request dicts from parallel lists (EasyEdit's ``editor.edit(prompts=..., target_new=...)`` shape), validated."""
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    columns = {"target_new": target_new, "subject": subject, "ground_truth": ground_truth,
+               "rephrase_prompts": rephrase_prompts}
+    columns = {k: [v] if isinstance(v, str) else v for k, v in columns.items() if v is not None}
+    for name, values in columns.items():
+        if len(values) != len(prompts):
+            raise ValueError(f"prompts has {len(prompts)} items but {name} has {len(values)}: give one {name} "
+                             "per prompt (the lists are read in parallel)")
+    rows = [{"case_id": i, "prompt": p, "target_new": None, "subject": None, "ground_truth": None, "rephrase_prompt": None,
+             "locality": {}, "portability": {}} for i, p in enumerate(prompts)]
+    for name, values in columns.items():
+        key = "rephrase_prompt" if name == "rephrase_prompts" else name
+        for row, value in zip(rows, values):
+            row[key] = value
+    return validate_requests(rows)

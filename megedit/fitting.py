@@ -141,6 +141,8 @@ def _fit_chunk(model, tok, neuron, mlp, layer, views, targets, init, hp):
 
 def fit_neurons(model, tok, views: list[list[str]], targets: list[str], hp, progress: bool = True) -> FitResult:
     """Fit one neuron per edit at layer ``hp.layer``. ``views[e][0]`` is edit e's prompt, the rest its training views."""
+    if len(views) != len(targets):
+        raise ValueError(f"views has {len(views)} edits but targets has {len(targets)}: give one target per edit")
     neuron = inject_neuron(model, hp.layer)
     mlp = getattr(decoder_layers(model)[hp.layer], arch_of(model).mlp)
     spec, d = arch_of(model), hidden_size(model)

@@ -160,7 +160,10 @@ def apply_meg_to_model(model, tok, requests, hparams: MeGHyperParams, copy: bool
     original names, which is what EasyEdit restores from.
     """
     requests = validate_requests(requests)
-    check_layer(model, hparams.layer)
+    if not isinstance(hparams, MeGHyperParams):
+        raise TypeError(f"hparams must be a MeGHyperParams (e.g. MeGHyperParams.from_hparams('hparams/MeG/"
+                        f"smollm2-135m.yaml')), got {type(hparams).__name__}")
+    check_layer(model.model if isinstance(model, MeGModel) else model, hparams.layer)
     if isinstance(model, MeGModel):  # editing again replaces the previous MeG edit
         model = copy_module.deepcopy(model.model) if copy else model.unload()
     elif copy:

@@ -1,4 +1,5 @@
 """``megedit`` CLI: help, and bad input rejected with one line and exit status 2 before any model is loaded."""
+import json
 import subprocess
 import sys
 import time
@@ -118,3 +119,48 @@ def test_malformed_yaml_is_one_line(tmp_path, capsys, no_model_loading):
     path.write_text("model_name: tiny\nlayer: [1, 2\n")
     rc, err, elapsed = run_edit(capsys, path, "--data", "x.json")
     assert_one_line_error(rc, err, elapsed, "broken.yaml is not valid YAML")
+
+
+# ---------------------------------------------------------------- checks against the model's config
+
+def edits_file(tmp_path) -> Path:
+    from tiny_meg import EDITS
+
+    path = tmp_path / "edits.json"
+    path.write_text(json.dumps([{"case_id": r["case_id"], "prompt": r["prompt"], "subject": r["subject"],
+                                 "target_new": r["target_new"], "ground_truth": "x", "rephrase_prompt": r["prompt"],
+                                 "locality_prompt": "Paris is the capital of", "locality_ground_truth": "France"}
+                                for r in EDITS]))
+    return path
+
+
+def tiny_yaml(tmp_path, model_name, **changes) -> Path:
+    from tiny_meg import tiny_hparams
+
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(tiny_hparams(tmp_path, model_name=str(model_name), **changes).to_dict()))
+    return path
+
+
+def test_layer_out_of_range_is_caught_from_the_config(tmp_path, capsys, no_model_loading):
+    from conftest import tiny_config
+
+    tiny_config("llama", 50257).save_pretrained(tmp_path / "m")  # a config, no weights
+    rc, err, elapsed = run_edit(capsys, tiny_yaml(tmp_path, tmp_path / "m", layer=5), "--data", edits_file(tmp_path), "--n", 4)
+    assert_one_line_error(rc, err, elapsed, "hparams field 'layer' = 5 is out of range: this llama model has 3 "
+                          "decoder layers; set layer to one of 0..2")
+
+
+def test_unsupported_architecture_is_caught_from_the_config(tmp_path, capsys, no_model_loading):
+    from transformers import BertConfig
+
+    BertConfig(num_hidden_layers=2).save_pretrained(tmp_path / "bert")
+    rc, err, elapsed = run_edit(capsys, tiny_yaml(tmp_path, tmp_path / "bert"), "--data", edits_file(tmp_path), "--n", 4)
+    assert_one_line_error(rc, err, elapsed, "model_type='bert'", "Add an ArchSpec to megedit.arch.ARCHS")
+
+
+def test_model_folder_without_a_config(tmp_path, capsys, no_model_loading):
+    (tmp_path / "empty").mkdir()
+    rc, err, elapsed = run_edit(capsys, tiny_yaml(tmp_path, tmp_path / "empty"), "--data", edits_file(tmp_path), "--n", 4)
+    assert_one_line_error(rc, err, elapsed, "hparams field 'model_name' =", "cannot read its config")
+

@@ -215,7 +215,8 @@ def test_subject_needed():
 
 def test_conflicting_duplicate_targets():
     with pytest.raises(ValueError, match=r"request 2 \(case_id 9\): prompt 'The capital of France is' is edited twice "
-                                         r"with conflicting targets 'Rome' and 'Berlin'"):
+                                         r"with conflicting targets 'Rome' \(case_id 7\) and 'Berlin' \(case_id 9\); "
+                                         r"drop one of them$"):
         validate_requests([req(), req(prompt="Paris is in", subject="Paris"), req(case_id=9, target_new="Berlin")])
 
 
