@@ -22,6 +22,8 @@ def add_parser(sub) -> None:
     p.add_argument("--probe-questions", help="requests file whose locality prompts are unrelated questions for the "
                    "gate probe, e.g. zsre/zsre_mend_train-1k.json (NQ questions)")
     p.add_argument("--out", default="results/edit", help="folder for results.json")
+    p.add_argument("--save", metavar="DIR", help="also save the edit (encoder, gate, generator, hparams, base-model "
+                   "fingerprint) to DIR; reload it with MeGModel.from_pretrained(model, tokenizer, DIR)")
     p.set_defaults(func=main)
 
 
@@ -77,6 +79,10 @@ def main(args) -> int:
 
         resolve_data_path(hp.pseudo_edit_data)  # fail now, not after loading the model
     check_config(model_config(hp.model_name), hp.layer)  # layer range and architecture, before loading weights
+    if args.save:
+        from .artifact import check_save_target
+
+        check_save_target(args.save)
     questions = []
     if args.probe_questions:
         questions = [loc["prompt"] for r in load_requests("auto", args.probe_questions)
@@ -91,6 +97,8 @@ def main(args) -> int:
     pre = evaluate_requests(model, tok, requests, reference, hp.eval_batch_size)
     pre_s = time.time() - t0
     edited, _ = apply_meg_to_model(model, tok, requests, hp)
+    if args.save:
+        edited.save_pretrained(args.save)  # before evaluation: a crash there does not lose the edit
     t0 = time.time()
     post = evaluate_requests(edited, tok, requests, reference, hp.eval_batch_size)
     post_s = time.time() - t0
@@ -110,7 +118,7 @@ def main(args) -> int:
                                    {"load": load_s, "pre-eval": pre_s, **report["seconds"], "post-eval": post_s}.items()))
     out = Path(args.out) / "results.json"
     write_json(out, {"method": "MeG", "hparams": hp.to_dict(), "seed": hp.seed, "data": str(args.data),
-                     "n": len(requests), "offset": args.offset, "environment": environment(),
+                     "n": len(requests), "offset": args.offset, "saved_edit": args.save, "environment": environment(),
                      "pre": pre["summary"], "post": post["summary"], "report": report,
                      "per_request_post": post["per_request"],
                      "seconds": {"load": load_s, "pre_eval": pre_s, **report["seconds"], "post_eval": post_s}})

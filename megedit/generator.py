@@ -64,6 +64,7 @@ class NeuronGenerator(nn.Module):
     def __init__(self, vector_size: int, cond_dim: int, hp):
         super().__init__()
         self.kind, self.sampler, self.sample_steps = hp.generator, hp.gen_scheduler, hp.gen_sample_steps
+        self.vector_size, self.cond_dim = vector_size, cond_dim
         self.seed = hp.seed
         self.schedule = noise_schedule(hp)
         self.timestep_sampling, self.logit_mean, self.logit_std = (hp.gen_timestep_sampling, hp.gen_logit_mean,

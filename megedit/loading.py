@@ -11,11 +11,12 @@ import importlib.util
 import logging
 import os
 import shutil
-import tempfile
 import zipfile
 from pathlib import Path
 
 import torch
+
+from .atomic import atomic_dir
 
 log = logging.getLogger(__name__)
 
@@ -37,22 +38,6 @@ def _package_dir(name: str) -> Path | None:
     if spec is None or not spec.submodule_search_locations:
         return None
     return Path(list(spec.submodule_search_locations)[0])
-
-
-def _atomic_dir(final: Path, fill) -> Path:
-    """Build a directory in a temp sibling and rename it into place, so a crash never leaves a half-written cache."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}."))
-    try:
-        fill(tmp)
-        try:
-            tmp.rename(final)
-        except OSError:  # another process finished first
-            if not final.exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
 
 
 def _smollm2_dir() -> Path:
@@ -78,7 +63,7 @@ def _smollm2_dir() -> Path:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
 
-    return _atomic_dir(cached, fill)
+    return atomic_dir(cached, fill)
 
 
 def resolve_model_path(model_name: str) -> str:
@@ -121,7 +106,7 @@ def _minilm_dir() -> Path | None:
                 for item in inner[0].iterdir():
                     shutil.move(str(item), tmp / item.name)
 
-        return _atomic_dir(cached, fill)
+        return atomic_dir(cached, fill)
     return None
 
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .arch import check_layer, neuron_size
+from .artifact import base_fingerprint
 from .augment import NEAR_MISS_KINDS, PseudoEditPool
 from .data import load_requests, validate_requests
 from .encoder import embed, tune_encoder
@@ -93,9 +94,10 @@ def train_meg(model, tok, requests: list[dict], hp: MeGHyperParams, progress: bo
     if hp.pseudo_edit_data is None and hp.familiarity_epsilon is None:
         raise ValueError("without pseudo_edit_data there is nothing to choose epsilon on: set familiarity_epsilon, "
                          "or point pseudo_edit_data at a training split disjoint from the edits")
+    fingerprint = base_fingerprint(model, hp.layer)
     torch.manual_seed(hp.seed)
     device = next(model.parameters()).device
-    report: dict = {"n_edits": len(requests), "seconds": {}}
+    report: dict = {"n_edits": len(requests), "seed": hp.seed, "seconds": {}}
     t0 = time.time()
     pool = load_pool(requests, hp)
     texts = build_texts(requests, pool, hp)
@@ -148,7 +150,7 @@ def train_meg(model, tok, requests: list[dict], hp: MeGHyperParams, progress: bo
                                              fit.weights[ok], hp, progress)
     generator.requires_grad_(False)
     report["seconds"]["stage4_generator"] = time.time() - t0
-    return MeGEdit(encoder, familiarity, generator, hp.layer, hp), report
+    return MeGEdit(encoder, familiarity, generator, hp.layer, hp, base_fingerprint=fingerprint), report
 
 
 def apply_meg_to_model(model, tok, requests, hparams: MeGHyperParams, copy: bool = False,

@@ -20,13 +20,33 @@ _ROUTE_ATTR = "_megedit_route"  # set on a KV cache that a MeGModel forward retu
 class MeGEdit(nn.Module):
     """Encoder + familiarity gate + weight generator, and the layer whose MLP gets the neuron."""
 
-    def __init__(self, encoder: nn.Module, familiarity: FamiliarityNet, generator: nn.Module, layer: int, hparams):
+    def __init__(self, encoder: nn.Module, familiarity: FamiliarityNet, generator: nn.Module, layer: int, hparams,
+                 base_fingerprint: dict | None = None):
         super().__init__()
         self.encoder = encoder
         self.familiarity = familiarity
         self.generator = generator
         self.layer = layer
         self.hparams = hparams
+        self.base_fingerprint = base_fingerprint  # of the model it was trained on (megedit.artifact.base_fingerprint)
+
+    def save_pretrained(self, directory, base_model: nn.Module | None = None):
+        """Write the edit alone to ``directory`` (see ``megedit.artifact``); ``base_model`` if it has no fingerprint."""
+        from .artifact import base_fingerprint, save_edit
+
+        fingerprint = base_fingerprint(base_model, self.layer) if base_model is not None else self.base_fingerprint
+        if fingerprint is None:
+            raise ValueError("this edit does not know its base model: pass base_model= to save_pretrained")
+        return save_edit(self, directory, fingerprint)
+
+    @classmethod
+    def from_pretrained(cls, directory, base_model: nn.Module | None = None, device: str | None = None,
+                        strict: bool = True) -> "MeGEdit":
+        """Load a saved edit; with ``base_model``, refuse it unless it was made for that model (``strict=False``:
+        only its architecture and sizes must match)."""
+        from .artifact import load_edit
+
+        return load_edit(directory, base_model, device, strict)
 
     @torch.no_grad()
     def route(self, texts: list[str]) -> NeuronBatch:
@@ -85,6 +105,17 @@ class MeGModel(nn.Module):
         """Route once on the prompt, then generate with that decision for every new token."""
         with active_neurons(self.route(input_ids, attention_mask)):
             return self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+    def save_pretrained(self, directory):
+        """Save the edit alone (like a PEFT adapter), fingerprinted with the wrapped model."""
+        return self.edit.save_pretrained(directory, base_model=self.model)
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, tokenizer, directory, strict: bool = True) -> "MeGModel":
+        """Put a saved edit on ``model``; refused when ``model`` is not the base model the edit was trained on."""
+        edit = MeGEdit.from_pretrained(directory, base_model=model, strict=strict)
+        remove_neuron(model)  # a neuron left by an earlier edit would fire alongside this one
+        return cls(model, tokenizer, edit)
 
     def unload(self) -> nn.Module:
         """Take the neuron out and return the original model, exactly as it was."""

@@ -121,7 +121,7 @@ def test_malformed_yaml_is_one_line(tmp_path, capsys, no_model_loading):
     assert_one_line_error(rc, err, elapsed, "broken.yaml is not valid YAML")
 
 
-# ---------------------------------------------------------------- checks against the model's config
+# ---------------------------------------------------------------- checks against the model's config, and --save
 
 def edits_file(tmp_path) -> Path:
     from tiny_meg import EDITS
@@ -132,6 +132,15 @@ def edits_file(tmp_path) -> Path:
                                  "locality_prompt": "Paris is the capital of", "locality_ground_truth": "France"}
                                 for r in EDITS]))
     return path
+
+
+def tiny_model_dir(tmp_path) -> Path:
+    from tiny_meg import tiny_base
+
+    model, tok = tiny_base()
+    model.save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    return tmp_path / "model"
 
 
 def tiny_yaml(tmp_path, model_name, **changes) -> Path:
@@ -164,3 +173,30 @@ def test_model_folder_without_a_config(tmp_path, capsys, no_model_loading):
     rc, err, elapsed = run_edit(capsys, tiny_yaml(tmp_path, tmp_path / "empty"), "--data", edits_file(tmp_path), "--n", 4)
     assert_one_line_error(rc, err, elapsed, "hparams field 'model_name' =", "cannot read its config")
 
+
+def test_save_into_a_folder_that_is_not_an_edit(tmp_path, capsys, no_model_loading):
+    from conftest import tiny_config
+
+    tiny_config("llama", 50257).save_pretrained(tmp_path / "m")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    rc, err, elapsed = run_edit(capsys, tiny_yaml(tmp_path, tmp_path / "m"), "--data", edits_file(tmp_path),
+                                "--n", 4, "--save", tmp_path / "mine")
+    assert_one_line_error(rc, err, elapsed, "mine exists and is not a saved megedit edit; choose a new or empty folder")
+
+
+def test_edit_saves_the_edit_and_records_the_seed(tmp_path, capsys):
+    """A whole ``megedit edit`` run on a tiny llama: --save writes an edit that loads onto the same model."""
+    from megedit.loading import load_model
+    from megedit.model import MeGModel
+
+    model_dir = tiny_model_dir(tmp_path)
+    rc = main(["edit", str(tiny_yaml(tmp_path, model_dir, seed=3)), "--data", str(edits_file(tmp_path)), "--n", "4",
+               "--save", str(tmp_path / "edit"), "--out", str(tmp_path / "out")])
+    assert rc == 0, capsys.readouterr().err
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["seed"] == 3 and results["hparams"]["seed"] == 3 and results["report"]["seed"] == 3
+    assert results["saved_edit"] == str(tmp_path / "edit")
+    model, tok = load_model(str(model_dir))
+    edited = MeGModel.from_pretrained(model, tok, tmp_path / "edit")
+    assert edited.edit.hparams.seed == 3 and edited.edit.base_fingerprint["model_type"] == "llama"

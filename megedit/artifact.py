@@ -1,0 +1,158 @@
+"""A MeG edit on disk, apart from its base model (like a PEFT adapter).
+
+Layout of the folder::
+
+    megedit_edit.json        manifest: megedit version, neuron layer, shapes, base-model fingerprint, sha256 of each file
+    hparams.yaml             the MeGHyperParams the edit was trained with
+    encoder/                 the tuned sentence-transformers model, whole (it is small)
+    familiarity.safetensors  the gate, with its thresholds epsilon and tau and its keys
+    generator.safetensors    the weight generator, with its normalisation and start noise
+
+The folder is built under a temporary name and renamed into place, and the manifest is written last, so an interrupted
+save never leaves a folder that loads. Loading checks every file's hash, and refuses a base model whose fingerprint
+(architecture, sizes, dtype, hash of the embedding and of the edited layer's MLP weights) differs from the one the
+edit was trained on.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from .arch import arch_of, decoder_layers, hidden_size
+from .atomic import atomic_dir
+
+MANIFEST = "megedit_edit.json"
+FORMAT = 1
+STRUCTURE = ("model_type", "config_class", "num_layers", "hidden_size", "vocab_size", "layer")  # must always match
+
+
+def _tensor_bytes(t: torch.Tensor):
+    """The tensor's raw bytes as a buffer (no extra copy on the CPU), whatever its dtype."""
+    return t.detach().cpu().contiguous().flatten().view(torch.uint8).numpy()
+
+
+def base_fingerprint(model, layer: int) -> dict:
+    """What identifies the base model an edit belongs to: sizes, dtype and a hash of the weights the edit reads."""
+    spec = arch_of(model)
+    mlp = getattr(decoder_layers(model)[layer], spec.mlp)
+    tensors = {"embedding": model.get_input_embeddings().weight,
+               **{f"{spec.layers}.{layer}.{spec.mlp}.{n}": p for n, p in mlp.named_parameters()}}
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        digest.update(name.encode())
+        digest.update(_tensor_bytes(tensors[name]))
+    return {"model_type": model.config.model_type, "config_class": type(model.config).__name__,
+            "num_layers": len(decoder_layers(model)), "hidden_size": hidden_size(model),
+            "vocab_size": tensors["embedding"].shape[0], "layer": layer, "dtype": str(tensors["embedding"].dtype),
+            "weights_sha256": digest.hexdigest()}
+
+
+def check_base_model(saved: dict, model, source: str, strict: bool = True) -> None:
+    """Raise ValueError naming the first difference between ``saved`` and ``model``'s fingerprint."""
+    current = base_fingerprint(model, saved["layer"]) if saved["layer"] < len(decoder_layers(model)) else {}
+    keys = STRUCTURE + (("dtype", "weights_sha256") if strict else ())
+    for key in keys:
+        if saved.get(key) != current.get(key):
+            hint = ("" if key in STRUCTURE else
+                    "; pass strict=False to load it anyway onto a model of the same shape (its answers may differ)")
+            raise ValueError(f"{source} was made for a different base model: its {key} is {saved.get(key)!r}, this "
+                             f"model's is {current.get(key)!r}. Load it onto the model it was trained on{hint}")
+
+
+def _file_hashes(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file() and p.name != MANIFEST}
+
+
+def _plain(state: dict) -> dict:
+    """safetensors wants contiguous CPU tensors that share no memory."""
+    return {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
+
+
+def _check_finite(edit) -> None:
+    for part in ("familiarity", "generator"):
+        for name, t in getattr(edit, part).state_dict().items():
+            if t.is_floating_point() and not bool(torch.isfinite(t.float()).all()):
+                raise ValueError(f"refusing to save a broken edit: {part}.{name} contains NaN/inf")
+
+
+def check_save_target(directory: str | os.PathLike) -> None:
+    """Saving replaces the folder: allow only a new or empty folder, or an earlier saved edit."""
+    directory = Path(directory)
+    if directory.exists() and (not directory.is_dir() or (any(directory.iterdir())
+                                                          and not (directory / MANIFEST).exists())):
+        raise ValueError(f"{directory} exists and is not a saved megedit edit; choose a new or empty folder")
+
+
+def save_edit(edit, directory: str | os.PathLike, fingerprint: dict) -> Path:
+    from . import __version__
+
+    directory = Path(directory)
+    check_save_target(directory)
+    _check_finite(edit)
+    fam = edit.familiarity
+
+    def fill(tmp: Path) -> None:
+        edit.encoder.save(str(tmp / "encoder"), create_model_card=False)
+        save_file(_plain(fam.state_dict()), str(tmp / "familiarity.safetensors"))
+        save_file(_plain(edit.generator.state_dict()), str(tmp / "generator.safetensors"))
+        (tmp / "hparams.yaml").write_text(yaml.safe_dump(edit.hparams.to_dict(), sort_keys=False))
+        manifest = {
+            "format": FORMAT, "megedit_version": __version__, "layer": edit.layer,
+            "familiarity": {"dim": fam.keys.shape[1], "hidden": fam.blocks[0].ff[0].out_features if len(fam.blocks) else 1,
+                            "blocks": len(fam.blocks), "classes": fam.head[1].out_features, "n_keys": fam.keys.shape[0]},
+            "generator": {"vector_size": edit.generator.vector_size, "cond_dim": edit.generator.cond_dim},
+            "base_model": fingerprint, "files": _file_hashes(tmp),
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))  # last: its presence means "complete"
+
+    return atomic_dir(directory, fill, replace=True)
+
+
+def read_manifest(directory: str | os.PathLike) -> dict:
+    directory = Path(directory)
+    if not (directory / MANIFEST).is_file():
+        why = "does not exist" if not directory.exists() else f"has no {MANIFEST} (not a saved edit, or an unfinished save)"
+        raise ValueError(f"cannot load a megedit edit from {directory}: the folder {why}")
+    manifest = json.loads((directory / MANIFEST).read_text())
+    if manifest.get("format") != FORMAT:
+        raise ValueError(f"{directory} holds edit format {manifest.get('format')!r}; this megedit reads format {FORMAT}")
+    found = _file_hashes(directory)
+    for name, digest in manifest["files"].items():
+        if found.get(name) != digest:
+            state = "is missing" if name not in found else "does not match its hash"
+            raise ValueError(f"{directory}: {name} {state}: the saved edit is damaged; save it again")
+    return manifest
+
+
+def load_edit(directory: str | os.PathLike, base_model=None, device: str | None = None, strict: bool = True):
+    """The ``MeGEdit`` saved in ``directory``; with ``base_model``, refuse it unless it was trained on that model."""
+    from sentence_transformers import SentenceTransformer
+
+    from .familiarity import FamiliarityNet
+    from .generator import NeuronGenerator
+    from .hparams import MeGHyperParams
+    from .model import MeGEdit
+
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    if base_model is not None:
+        check_base_model(manifest["base_model"], base_model, str(directory), strict)
+        device = device or str(next(base_model.parameters()).device)
+    hp = MeGHyperParams.from_dict(yaml.safe_load((directory / "hparams.yaml").read_text()),
+                                  source=str(directory / "hparams.yaml"))
+    device = device or "cpu"
+    encoder = SentenceTransformer(str(directory / "encoder"), device=device)
+    familiarity = FamiliarityNet(**manifest["familiarity"])
+    familiarity.load_state_dict(load_file(str(directory / "familiarity.safetensors")))
+    generator = NeuronGenerator(manifest["generator"]["vector_size"], manifest["generator"]["cond_dim"], hp)
+    generator.load_state_dict(load_file(str(directory / "generator.safetensors")))
+    for module in (encoder, familiarity, generator):
+        module.to(device).eval().requires_grad_(False)
+    return MeGEdit(encoder, familiarity, generator, manifest["layer"], hp, base_fingerprint=manifest["base_model"])

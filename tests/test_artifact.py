@@ -1,0 +1,160 @@
+"""The edit as an artifact: save_pretrained / from_pretrained round trip, base-model check, atomic and verified saves."""
+import copy
+import json
+import shutil
+
+import pytest
+import torch
+
+import megedit.artifact as artifact
+from megedit.artifact import MANIFEST, base_fingerprint
+from megedit.meg_main import apply_meg_to_model
+from megedit.model import MeGEdit, MeGModel
+
+from conftest import tiny_model
+from tiny_meg import EDITS, LAYER, UNRELATED, states_equal, tiny_base, tiny_hparams
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A real MeG edit (all four stages) on a tiny llama, saved once."""
+    folder = tmp_path_factory.mktemp("artifact")
+    model, tok = tiny_base()
+    edited, _ = apply_meg_to_model(model, tok, EDITS, tiny_hparams(folder), progress=False)
+    saved = edited.save_pretrained(folder / "edit")
+    return edited, tok, saved
+
+
+def logits(model, tok, texts):
+    with torch.no_grad():
+        return model(**tok(texts, return_tensors="pt", padding=True)).logits
+
+
+def test_reloaded_edit_gives_bit_identical_logits(trained):
+    edited, tok, saved = trained
+    fresh, _ = tiny_base()  # the same base model, loaded anew
+    reloaded = MeGModel.from_pretrained(fresh, tok, saved)
+    texts = [r["prompt"] for r in EDITS] + UNRELATED
+    assert edited.edit.route(texts).rows.numel() > 0  # some rows carry a generated neuron: the test can fail
+    before, after = logits(edited, tok, texts), logits(reloaded, tok, texts)
+    assert (after - before).abs().max().item() == 0.0 and torch.equal(after, before)
+    for part in ("encoder", "familiarity", "generator"):
+        assert states_equal(getattr(edited.edit, part), getattr(reloaded.edit, part)), part
+    assert reloaded.edit.hparams == edited.edit.hparams and reloaded.edit.layer == LAYER
+    assert not torch.equal(before, logits(tiny_base()[0], tok, texts))  # the edit changes the edited rows
+
+
+def test_manifest_records_version_fingerprint_and_hashes(trained):
+    edited, _, saved = trained
+    manifest = json.loads((saved / MANIFEST).read_text())
+    assert manifest["megedit_version"] and manifest["layer"] == LAYER
+    assert manifest["base_model"] == base_fingerprint(edited.model, LAYER) == edited.edit.base_fingerprint
+    assert {"hparams.yaml", "familiarity.safetensors", "generator.safetensors"} <= set(manifest["files"])
+    assert any(name.startswith("encoder/") for name in manifest["files"])
+
+
+def test_loading_onto_another_base_model_is_refused(trained):
+    _, tok, saved = trained
+    with pytest.raises(ValueError, match=r"different base model: its weights_sha256 is .* pass strict=False"):
+        MeGModel.from_pretrained(tiny_model("llama", seed=1), tok, saved)
+    with pytest.raises(ValueError, match=r"different base model: its model_type is 'llama', this model's is 'gpt2'"):
+        MeGModel.from_pretrained(tiny_model("gpt2"), tok, saved)
+    with pytest.raises(ValueError, match=r"its dtype is 'torch.float32', this model's is 'torch.bfloat16'"):
+        MeGModel.from_pretrained(tiny_base()[0].to(torch.bfloat16), tok, saved)
+    other = MeGModel.from_pretrained(tiny_model("llama", seed=1), tok, saved, strict=False)  # same shape: allowed
+    assert other.edit.layer == LAYER
+
+
+def test_from_pretrained_replaces_an_earlier_neuron(trained):
+    edited, tok, saved = trained
+    base, _ = tiny_base()
+    MeGModel.from_pretrained(base, tok, saved)
+    again = MeGModel.from_pretrained(base, tok, saved)
+    hooks = [len(layer.mlp._forward_hooks) for layer in base.model.layers]
+    assert hooks == [0, 1, 0]
+    texts = [r["prompt"] for r in EDITS]
+    assert torch.equal(logits(again, tok, texts), logits(edited, tok, texts))
+
+
+def test_interrupted_save_leaves_nothing_that_loads(trained, tmp_path, monkeypatch):
+    edited, tok, saved = trained
+    real_save = artifact.save_file
+
+    def crash_on_generator(tensors, path):
+        if path.endswith("generator.safetensors"):
+            raise OSError("simulated crash in the middle of the save")
+        real_save(tensors, path)
+
+    monkeypatch.setattr(artifact, "save_file", crash_on_generator)
+    target = tmp_path / "edit"
+    with pytest.raises(OSError, match="simulated crash"):
+        edited.save_pretrained(target)
+    assert not target.exists() and list(tmp_path.iterdir()) == []  # no half folder, no stray temporary
+    with pytest.raises(ValueError, match="the folder does not exist"):
+        MeGEdit.from_pretrained(target)
+    # overwriting an existing edit: a crash keeps the old one whole
+    shutil.copytree(saved, target)
+    with pytest.raises(OSError, match="simulated crash"):
+        edited.save_pretrained(target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["edit"]
+    monkeypatch.undo()
+    assert states_equal(MeGEdit.from_pretrained(target).generator, edited.edit.generator)
+
+
+def test_unfinished_or_damaged_folders_are_refused(trained, tmp_path):
+    _, _, saved = trained
+    unfinished = tmp_path / "unfinished"
+    shutil.copytree(saved, unfinished)
+    (unfinished / MANIFEST).unlink()  # what a save killed before its last write would hold
+    with pytest.raises(ValueError, match="has no megedit_edit.json"):
+        MeGEdit.from_pretrained(unfinished)
+    damaged = tmp_path / "damaged"
+    shutil.copytree(saved, damaged)
+    data = bytearray((damaged / "generator.safetensors").read_bytes())
+    data[-1] ^= 1
+    (damaged / "generator.safetensors").write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="generator.safetensors does not match its hash"):
+        MeGEdit.from_pretrained(damaged)
+    incomplete = tmp_path / "incomplete"
+    shutil.copytree(saved, incomplete)
+    (incomplete / "hparams.yaml").unlink()
+    with pytest.raises(ValueError, match="hparams.yaml is missing"):
+        MeGEdit.from_pretrained(incomplete)
+
+
+def test_save_never_overwrites_a_folder_that_is_not_an_edit(trained, tmp_path):
+    edited, _, _ = trained
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="exists and is not a saved megedit edit; choose a new or empty folder"):
+        edited.save_pretrained(tmp_path)
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+    edited.save_pretrained(tmp_path / "empty")  # an empty or absent folder is fine, and so is an older edit
+    edited.save_pretrained(tmp_path / "empty")
+
+
+def test_a_hand_built_edit_needs_its_base_model(trained, tmp_path):
+    edited, _, _ = trained
+    e = edited.edit
+    bare = MeGEdit(e.encoder, e.familiarity, e.generator, e.layer, e.hparams)
+    with pytest.raises(ValueError, match="pass base_model= to save_pretrained"):
+        bare.save_pretrained(tmp_path / "a")
+    bare.save_pretrained(tmp_path / "a", base_model=edited.model)
+    assert MeGEdit.from_pretrained(tmp_path / "a", base_model=copy.deepcopy(edited.model)).layer == LAYER
+
+
+def test_a_broken_edit_is_never_written(trained, tmp_path):
+    edited, _, _ = trained
+    broken = copy.deepcopy(edited.edit)
+    with torch.no_grad():
+        next(broken.generator.net.parameters()).view(-1)[0] = float("nan")
+    with pytest.raises(ValueError, match=r"refusing to save a broken edit: generator\.net\..* contains NaN/inf"):
+        broken.save_pretrained(tmp_path / "broken")
+    assert not (tmp_path / "broken").exists()
