@@ -7,7 +7,6 @@ prefixes from ``augment``) so that the neuron still answers when the question is
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import torch
@@ -17,8 +16,6 @@ from tqdm.auto import tqdm
 from .arch import arch_of, decoder_layers, hidden_size, neuron_size
 from .neuron import NeuronBatch, active_neurons, inject_neuron
 from .upper import TailStack, split_tail
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -133,14 +130,19 @@ def _fit_chunk(model, tok, neuron, mlp, layer, views, targets, init, hp):
     seq_acc = _group_mean(correct, tok_seq, len(seq_edit))
     first_seq = torch.searchsorted(seq_edit, torch.arange(E, device=device))  # each edit's first view = its prompt
     pre = (stack.tail_mlp_in[tok_seq, tok_pos] * W[seq_edit[tok_seq], :d]).sum(-1)  # pre-activation at answer positions
-    finite = torch.isfinite(W).all(dim=1)
+    finite = torch.isfinite(W).all(dim=1) & torch.isfinite(loss_now)  # a NaN/inf fit is never "ok"
     result = FitResult(weights=W.cpu(), ok=((seq_acc[first_seq] == 1) & finite).cpu(),
                        view_acc=_group_mean(seq_acc, seq_edit, E).cpu(), loss=loss_now.cpu(), steps=taken.cpu())
     return result, _group_mean(pre, seq_edit[tok_seq], E).cpu()
 
 
-def fit_neurons(model, tok, views: list[list[str]], targets: list[str], hp, progress: bool = True) -> FitResult:
-    """Fit one neuron per edit at layer ``hp.layer``. ``views[e][0]`` is edit e's prompt, the rest its training views."""
+def fit_neurons(model, tok, views: list[list[str]], targets: list[str], hp, progress: bool = True,
+                checkpoint=None) -> FitResult:
+    """Fit one neuron per edit at layer ``hp.layer``. ``views[e][0]`` is edit e's prompt, the rest its training views.
+
+    ``checkpoint`` (a ``megedit.checkpoint.RunCheckpoint``): each chunk of ``hp.fit_batch_edits`` edits is saved once
+    fitted, and a chunk found there is loaded instead of fitted again.
+    """
     if len(views) != len(targets):
         raise ValueError(f"views has {len(views)} edits but targets has {len(targets)}: give one target per edit")
     neuron = inject_neuron(model, hp.layer)
@@ -154,9 +156,15 @@ def fit_neurons(model, tok, views: list[list[str]], targets: list[str], hp, prog
     bar = tqdm(total=len(views), desc="stage 3: fit neurons", unit="edit", disable=not progress)
     try:
         for start in range(0, len(views), chunk_edits):
-            part, signs = _fit_chunk(model, tok, neuron, mlp, hp.layer, views[start:start + chunk_edits],
-                                     targets[start:start + chunk_edits], init, hp)
-            part.weights = canonicalise(part.weights, signs, spec.form, d)
+            name = f"neurons/from_{start:06d}.safetensors"
+            if checkpoint is not None and checkpoint.has(name):
+                part = FitResult(**checkpoint.load_tensors(name))
+            else:
+                part, signs = _fit_chunk(model, tok, neuron, mlp, hp.layer, views[start:start + chunk_edits],
+                                         targets[start:start + chunk_edits], init, hp)
+                part.weights = canonicalise(part.weights, signs, spec.form, d)
+                if checkpoint is not None:
+                    checkpoint.save_tensors(name, vars(part))
             results.append(part)
             bar.update(len(part.ok))
             bar.set_postfix(ok=f"{float(torch.cat([r.ok for r in results]).float().mean()):.3f}")
@@ -164,8 +172,5 @@ def fit_neurons(model, tok, views: list[list[str]], targets: list[str], hp, prog
         bar.close()
         for p in trainable:
             p.requires_grad_(True)
-    out = FitResult(*(torch.cat([getattr(r, f) for r in results]) for f in FitResult.__dataclass_fields__))
-    bad = (~torch.isfinite(out.weights).all(dim=1)).nonzero().squeeze(1).tolist()
-    if bad:
-        log.warning("non-finite neuron weights for edits %s: they are left out of generator training", bad)
-    return out
+    # a NaN/inf fit has ok False; train_meg reports it by case_id and leaves it out of generator training
+    return FitResult(*(torch.cat([getattr(r, f) for r in results]) for f in FitResult.__dataclass_fields__))

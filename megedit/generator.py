@@ -84,9 +84,11 @@ class NeuronGenerator(nn.Module):
         self.register_buffer("start_noise", torch.randn(vector_size, generator=torch.Generator().manual_seed(hp.seed)))
 
     def train_on(self, conds: torch.Tensor, edit_index: torch.Tensor, targets: torch.Tensor, hp,
-                 progress: bool = True) -> dict:
+                 progress: bool = True, checkpoint=None) -> dict:
         """Train so that ``conds[m]`` (M, c) generates ``targets[edit_index[m]]`` (E, P).
 
+        ``checkpoint`` (a ``megedit.checkpoint.RunCheckpoint``): the training state (network, optimiser, LR schedule,
+        RNG) is saved every ``hp.checkpoint_gen_epochs`` epochs and at the end, and training resumes from it.
         Returns {"loss": final epoch's mean loss, "seconds", "steps": optimiser steps}.
         """
         if noise_schedule(hp) != self.schedule:
@@ -113,9 +115,17 @@ class NeuronGenerator(nn.Module):
         total_steps = epochs * batches
         # memorising E targets: a short warm-up, then a cosine decay that lets the last epochs settle precisely
         lr_schedule = get_cosine_schedule_with_warmup(opt, max(1, total_steps // 20), total_steps)
-        M, steps, start = len(conds), 0, time.perf_counter()
+        M, steps, first_epoch, epoch_loss, start = len(conds), 0, 0, math.nan, time.perf_counter()
+        name = "generator.pt"
+        if checkpoint is not None and checkpoint.has(name):
+            state = checkpoint.load_state(name)
+            self.net.load_state_dict(state["net"])
+            opt.load_state_dict(state["optimizer"])
+            lr_schedule.load_state_dict(state["lr_schedule"])
+            g.set_state(state["rng"])
+            first_epoch, steps, epoch_loss = state["epoch"], state["steps"], state["loss"]
         self.net.train()
-        bar = tqdm(range(epochs), desc="stage 4: train generator", disable=not progress)
+        bar = tqdm(range(first_epoch, epochs), desc="stage 4: train generator", disable=not progress)
         for epoch in bar:
             total = torch.zeros((), device=device)
             for idx in torch.randperm(M, generator=g, device=device).split(hp.gen_batch_size):
@@ -127,9 +137,13 @@ class NeuronGenerator(nn.Module):
                 total += loss.detach() * len(idx)
                 steps += 1
             epoch_loss = (total / M).item()
-            if not math.isfinite(epoch_loss):
+            if not math.isfinite(epoch_loss):  # checked before any checkpoint: a diverged state is never saved
                 raise RuntimeError(f"generator training diverged: loss {epoch_loss} in epoch "
                                    f"{epoch + 1}/{epochs} (lr {hp.gen_lr}); lower gen_lr or gen_target_scale")
+            if checkpoint is not None and ((epoch + 1) % hp.checkpoint_gen_epochs == 0 or epoch + 1 == epochs):
+                checkpoint.save_state(name, {"net": self.net.state_dict(), "optimizer": opt.state_dict(),
+                                             "lr_schedule": lr_schedule.state_dict(), "rng": g.get_state(),
+                                             "epoch": epoch + 1, "steps": steps, "loss": epoch_loss})
             bar.set_postfix(loss=f"{epoch_loss:.4f}")
         self.net.eval()
         return {"loss": epoch_loss, "seconds": time.perf_counter() - start, "steps": steps}

@@ -124,6 +124,11 @@ class MeGHyperParams:
 
     eval_batch_size: int = 32
 
+    # long runs: save each stage's output, each chunk of fitted neurons and the generator's training state under
+    # checkpoint_dir/<run key> (a hash of requests + hparams + base model), and resume from there after an interrupt
+    checkpoint_dir: str | None = None  # None: no checkpoints
+    checkpoint_gen_epochs: int = 10  # save the generator's training state every this many epochs
+
     def __post_init__(self):
         if isinstance(self.device, int) and not isinstance(self.device, bool):
             self.device = f"cuda:{self.device}"
@@ -147,7 +152,8 @@ class MeGHyperParams:
                 raise HParamsError(f"hparams field {name!r} must be one of {allowed}, got {getattr(self, name)!r}")
         positive = ["familiarity_classes", "fit_steps", "fit_batch_edits", "gen_epochs", "gen_batch_size",
                     "gen_sample_steps", "dit_hidden", "dit_depth", "dit_heads", "dit_patch_size", "eval_batch_size",
-                    "familiarity_epochs", "familiarity_batch_size", "encoder_batch_size", "gen_train_timesteps"]
+                    "familiarity_epochs", "familiarity_batch_size", "encoder_batch_size", "gen_train_timesteps",
+                    "checkpoint_gen_epochs"]
         for name in positive:
             if getattr(self, name) <= 0:
                 raise HParamsError(f"hparams field {name!r} must be positive, got {getattr(self, name)!r}")

@@ -18,6 +18,7 @@ import torch
 from .arch import check_layer, neuron_size
 from .artifact import base_fingerprint
 from .augment import NEAR_MISS_KINDS, PseudoEditPool
+from .checkpoint import RunCheckpoint, rng_state, set_rng_state
 from .data import load_requests, validate_requests
 from .encoder import embed, tune_encoder
 from .familiarity import FamiliarityNet, choose_thresholds, train_familiarity
@@ -87,27 +88,91 @@ def _embed_all(encoder, groups: dict[str, list[str]], batch_size: int) -> dict[s
     return {k: emb[[index[t] for t in texts]] if texts else emb[:0] for k, texts in groups.items()}
 
 
+def _stage1_encoder(pool: PseudoEditPool | None, hp: MeGHyperParams, device, ckpt: RunCheckpoint, progress: bool):
+    """The (tuned) text encoder and its training report (None when it was not tuned)."""
+    if ckpt.has("stage1.json"):
+        encoder = ckpt.load_encoder("stage1_encoder", str(device))
+        set_rng_state(ckpt.load_tensors("stage1_rng.safetensors"))  # as if stage 1 had just run
+        return encoder.requires_grad_(False), ckpt.load_json("stage1.json")["report"]
+    encoder = load_encoder(hp.encoder_name, device=str(device))
+    report = None
+    if hp.encoder_tune and pool is not None:
+        report = {k: v for k, v in tune_encoder(encoder, pool, hp, progress).items() if k != "loss"}
+        ckpt.save_encoder("stage1_encoder", encoder)
+        ckpt.save_tensors("stage1_rng.safetensors", rng_state())
+        ckpt.save_json("stage1.json", {"report": report})  # last: stage 1 is complete
+    return encoder.requires_grad_(False), report
+
+
+def _stage2_gate(emb: dict, texts: TrainingTexts, n_edits: int, hp: MeGHyperParams, device, ckpt: RunCheckpoint,
+                 progress: bool) -> tuple[FamiliarityNet, dict]:
+    """The familiarity gate with its thresholds, and {"familiarity": training report, "gate": thresholds report}."""
+    g = torch.Generator().manual_seed(hp.seed)
+    edit_class = torch.randint(hp.familiarity_classes, (n_edits,), generator=g)
+    bare = torch.tensor([i % 2 == 0 for i in range(len(texts.positives))])  # positives alternate view, view + answer
+    familiarity = FamiliarityNet(emb["pos"].shape[1], hp.familiarity_hidden, hp.familiarity_blocks,
+                                 hp.familiarity_classes, n_keys=int(bare.sum())).to(device)
+    if ckpt.has("stage2.json"):
+        saved = ckpt.load_tensors("stage2.safetensors")
+        familiarity.load_state_dict({k: v for k, v in saved.items() if not k.startswith("rng.")})
+        set_rng_state({k[len("rng."):]: v for k, v in saved.items() if k.startswith("rng.")})
+        return familiarity.requires_grad_(False), ckpt.load_json("stage2.json")
+    familiarity.keys.copy_(emb["pos"][bare].half())
+    report = {"familiarity": train_familiarity(familiarity, emb["pos"], edit_class[texts.positive_edit], emb["neg"],
+                                               hp, progress)}
+    calib_unfamiliar = {k: emb[f"calib_{k}"] for k in texts.calib_unfamiliar}
+    if calib_unfamiliar and any(len(v) for v in calib_unfamiliar.values()):
+        report["gate"] = choose_thresholds(familiarity, emb["calib"], calib_unfamiliar, hp.familiarity_epsilon)
+    else:  # no pool, no calibration: the configured epsilon alone
+        familiarity.epsilon.fill_(hp.familiarity_epsilon)
+        report["gate"] = {"epsilon": hp.familiarity_epsilon, "tau": -1.0}
+    ckpt.save_tensors("stage2.safetensors", {**familiarity.state_dict(),
+                                             **{f"rng.{k}": v for k, v in rng_state().items()}})
+    ckpt.save_json("stage2.json", report)
+    return familiarity.requires_grad_(False), report
+
+
+def _fit_report(fit, requests: list[dict]) -> dict:
+    case_ids = [r.get("case_id", i) for i, r in enumerate(requests)]
+    nonfinite = ~(torch.isfinite(fit.weights).all(dim=1) & torch.isfinite(fit.loss))
+    if nonfinite.any():
+        log.warning("neuron fits of case_ids %s gave NaN/inf: marked failed and left out of generator training",
+                    [case_ids[i] for i in nonfinite.nonzero().squeeze(1).tolist()])
+    if not fit.ok.any():
+        raise RuntimeError(f"no neuron fit reproduced its target (case_ids {case_ids}): raise fit_steps or fit_lr, "
+                           "or choose another layer")
+    return {"ok": float(fit.ok.float().mean()), "view_acc": float(fit.view_acc.mean()),
+            "mean_steps": float(fit.steps.float().mean()),
+            "failed_case_ids": [case_ids[i] for i in (~fit.ok).nonzero().squeeze(1).tolist()],
+            "nonfinite_case_ids": [case_ids[i] for i in nonfinite.nonzero().squeeze(1).tolist()]}
+
+
 def train_meg(model, tok, requests: list[dict], hp: MeGHyperParams, progress: bool = True) -> tuple[MeGEdit, dict]:
-    """Run the four stages; returns the learned edit and a report (seconds per stage, gate rates, fit stats)."""
+    """Run the four stages; returns the learned edit and a report (seconds per stage, gate rates, fit stats).
+
+    With ``hp.checkpoint_dir`` set, each stage's output is saved as it is made and an interrupted run resumes there.
+    """
     requests = validate_requests(requests)
     check_layer(model, hp.layer)
     if hp.pseudo_edit_data is None and hp.familiarity_epsilon is None:
         raise ValueError("without pseudo_edit_data there is nothing to choose epsilon on: set familiarity_epsilon, "
                          "or point pseudo_edit_data at a training split disjoint from the edits")
     fingerprint = base_fingerprint(model, hp.layer)
+    ckpt = RunCheckpoint.for_run(requests, hp, fingerprint)
     torch.manual_seed(hp.seed)
     device = next(model.parameters()).device
     report: dict = {"n_edits": len(requests), "seed": hp.seed, "seconds": {}}
+    if ckpt.root is not None:
+        report["checkpoint"] = str(ckpt.root)
     t0 = time.time()
     pool = load_pool(requests, hp)
     texts = build_texts(requests, pool, hp)
     report["seconds"]["views"] = time.time() - t0
 
     t0 = time.time()
-    encoder = load_encoder(hp.encoder_name, device=str(device))
-    if hp.encoder_tune and pool is not None:
-        report["encoder"] = {k: v for k, v in tune_encoder(encoder, pool, hp, progress).items() if k != "loss"}
-    encoder.requires_grad_(False)
+    encoder, encoder_report = _stage1_encoder(pool, hp, device, ckpt, progress)
+    if encoder_report is not None:
+        report["encoder"] = encoder_report
     report["seconds"]["stage1_encoder"] = time.time() - t0
 
     t0 = time.time()
@@ -117,28 +182,13 @@ def train_meg(model, tok, requests: list[dict], hp: MeGHyperParams, progress: bo
     report["seconds"]["embed"] = time.time() - t0
 
     t0 = time.time()
-    g = torch.Generator().manual_seed(hp.seed)
-    edit_class = torch.randint(hp.familiarity_classes, (len(requests),), generator=g)
-    bare = torch.tensor([i % 2 == 0 for i in range(len(texts.positives))])  # positives alternate view, view + answer
-    familiarity = FamiliarityNet(emb["pos"].shape[1], hp.familiarity_hidden, hp.familiarity_blocks,
-                                 hp.familiarity_classes, n_keys=int(bare.sum())).to(device)
-    familiarity.keys.copy_(emb["pos"][bare].half())
-    report["familiarity"] = train_familiarity(familiarity, emb["pos"], edit_class[texts.positive_edit], emb["neg"], hp,
-                                              progress)
-    calib_unfamiliar = {k: emb[f"calib_{k}"] for k in texts.calib_unfamiliar}
-    if calib_unfamiliar and any(len(v) for v in calib_unfamiliar.values()):
-        report["gate"] = choose_thresholds(familiarity, emb["calib"], calib_unfamiliar, hp.familiarity_epsilon)
-    else:  # no pool, no calibration: the configured epsilon alone
-        familiarity.epsilon.fill_(hp.familiarity_epsilon)
-        report["gate"] = {"epsilon": hp.familiarity_epsilon, "tau": -1.0}
-    familiarity.requires_grad_(False)
+    familiarity, gate_report = _stage2_gate(emb, texts, len(requests), hp, device, ckpt, progress)
+    report.update(gate_report)
     report["seconds"]["stage2_familiarity"] = time.time() - t0
 
     t0 = time.time()
-    fit = fit_neurons(model, tok, texts.views, [r["target_new"] for r in requests], hp, progress)
-    report["fit"] = {"ok": float(fit.ok.float().mean()), "view_acc": float(fit.view_acc.mean()),
-                     "mean_steps": float(fit.steps.float().mean()),
-                     "failed_case_ids": [requests[i].get("case_id", i) for i in (~fit.ok).nonzero().squeeze(1).tolist()]}
+    fit = fit_neurons(model, tok, texts.views, [r["target_new"] for r in requests], hp, progress, checkpoint=ckpt)
+    report["fit"] = _fit_report(fit, requests)
     report["seconds"]["stage3_neurons"] = time.time() - t0
 
     t0 = time.time()
@@ -147,7 +197,7 @@ def train_meg(model, tok, requests: list[dict], hp: MeGHyperParams, progress: bo
     keep = torch.tensor([bool(ok[e]) for e in texts.positive_edit])
     remap = torch.cumsum(ok.long(), 0) - 1  # edit index -> row of the ok-only target table
     report["generator"] = generator.train_on(emb["pos"][keep], remap[torch.tensor(texts.positive_edit)[keep]],
-                                             fit.weights[ok], hp, progress)
+                                             fit.weights[ok], hp, progress, checkpoint=ckpt)
     generator.requires_grad_(False)
     report["seconds"]["stage4_generator"] = time.time() - t0
     return MeGEdit(encoder, familiarity, generator, hp.layer, hp, base_fingerprint=fingerprint), report

@@ -1,0 +1,113 @@
+"""Checkpoints of one training run, so that an interrupted run resumes where it stopped.
+
+A run's folder is ``<checkpoint_dir>/<run key>``; the key hashes everything that determines the result (the requests,
+the hparams, the pseudo-edit file, the base model's fingerprint, megedit's version), so a resume never mixes two runs.
+Inside, every file is written atomically:
+
+    run.json                        what the key was computed from, for people
+    stage1.json, stage1_encoder/    the tuned encoder, its report and the RNG state after it
+    stage2.json, stage2.safetensors the familiarity gate, its report and the RNG state after it
+    neurons/from_000000.safetensors one file per chunk of ``fit_batch_edits`` fitted neurons
+    generator.pt                    the generator's training state, every ``checkpoint_gen_epochs`` epochs and at the end
+
+With ``checkpoint_dir: null`` the checkpoint is disabled: ``has`` is always False and saving does nothing.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .atomic import atomic_dir, atomic_write
+
+log = logging.getLogger(__name__)
+
+NOT_IN_KEY = ("checkpoint_dir", "checkpoint_gen_epochs")  # where and how often to save do not change the result
+
+
+def run_key(requests: list[dict], hp, base_fingerprint: dict) -> tuple[str, dict]:
+    """A short hash of what determines the run, and the description it hashes."""
+    from . import __version__
+    from .data import resolve_data_path
+
+    pool = None
+    if hp.pseudo_edit_data:
+        pool = hashlib.sha256(resolve_data_path(hp.pseudo_edit_data).read_bytes()).hexdigest()
+    described = {"megedit_version": __version__, "base_model": base_fingerprint, "pseudo_edit_data_sha256": pool,
+                 "hparams": {k: v for k, v in hp.to_dict().items() if k not in NOT_IN_KEY}, "requests": requests}
+    text = json.dumps(described, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16], described
+
+
+def rng_state() -> dict[str, torch.Tensor]:
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+class RunCheckpoint:
+    """The checkpoint folder of one run (``root`` None: disabled)."""
+
+    def __init__(self, root: Path | None):
+        self.root = root
+
+    @classmethod
+    def for_run(cls, requests: list[dict], hp, base_fingerprint: dict) -> "RunCheckpoint":
+        if hp.checkpoint_dir is None:
+            return cls(None)
+        key, described = run_key(requests, hp, base_fingerprint)
+        ckpt = cls(Path(hp.checkpoint_dir).expanduser() / key)
+        if ckpt.has("run.json"):
+            log.warning("resuming from checkpoint %s", ckpt.root)
+        else:
+            ckpt.save_json("run.json", described)
+        return ckpt
+
+    def path(self, name: str) -> Path:
+        return self.root / name
+
+    def has(self, name: str) -> bool:
+        return self.root is not None and self.path(name).exists()
+
+    def save_json(self, name: str, obj) -> None:
+        if self.root is not None:
+            atomic_write(self.path(name), lambda tmp: tmp.write_text(json.dumps(obj, indent=2, default=str)))
+
+    def load_json(self, name: str):
+        return json.loads(self.path(name).read_text())
+
+    def save_tensors(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
+        if self.root is not None:
+            plain = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
+            atomic_write(self.path(name), lambda tmp: save_file(plain, str(tmp)))
+
+    def load_tensors(self, name: str) -> dict[str, torch.Tensor]:
+        return load_file(str(self.path(name)))
+
+    def save_state(self, name: str, state: dict) -> None:
+        """Training state (optimiser, scheduler, RNG): nested dicts of tensors and numbers."""
+        if self.root is not None:
+            atomic_write(self.path(name), lambda tmp: torch.save(state, tmp))
+
+    def load_state(self, name: str) -> dict:
+        return torch.load(self.path(name), weights_only=True)
+
+    def save_encoder(self, name: str, encoder) -> None:
+        if self.root is not None:
+            atomic_dir(self.path(name), lambda tmp: encoder.save(str(tmp), create_model_card=False), replace=True)
+
+    def load_encoder(self, name: str, device: str):
+        from sentence_transformers import SentenceTransformer
+
+        return SentenceTransformer(str(self.path(name)), device=device)
