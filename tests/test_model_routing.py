@@ -224,6 +224,24 @@ def test_threads_match_sequential_calls(setup):
     assert current_neurons() is None
 
 
+def test_threads_generate_like_sequential_calls(setup):
+    """generate() keeps its routing decision in a context variable across all its forward calls, per thread."""
+    edited, reference, tok = setup
+    prompts = [EDIT[0], OTHER[0], EDIT[1], OTHER[1]]
+    kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=tok.pad_token_id)
+
+    def run(prompt):
+        return edited.generate(**tok(prompt, return_tensors="pt"), **kw)
+
+    sequential = [run(p) for p in prompts]
+    with ThreadPoolExecutor(4) as pool:
+        threaded = list(pool.map(run, prompts * 2))
+    assert all(torch.equal(a, b) for a, b in zip(sequential * 2, threaded))
+    plain = [reference.generate(**tok(p, return_tensors="pt"), **kw) for p in prompts]
+    assert not torch.equal(sequential[0], plain[0]) and torch.equal(sequential[1], plain[1])
+    assert current_neurons() is None
+
+
 def test_unload_restores_the_original_model(setup):
     edited, reference, tok = setup
     state = {k: v.clone() for k, v in edited.model.state_dict().items()}
