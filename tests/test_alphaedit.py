@@ -1,6 +1,7 @@
 """AlphaEdit's defining property: its update leaves the outputs of the preserved keys unchanged, where MEMIT's
 (the same keys, targets and statistics) does not; and its running cache protects earlier edits."""
 import importlib
+from pathlib import Path
 
 import pytest
 import torch
@@ -132,3 +133,24 @@ def test_running_cache_protects_earlier_edits(setup):
         _batch(editor, REQUESTS[1:2], keep=False)
         changes[use_cache] = float((first @ (model.transformer.h[2].mlp.c_proj.weight - w1)).norm())
     assert changes[True] < 0.5 * changes[False], changes
+
+
+def test_projection_cache_is_used_only_when_it_matches(setup, monkeypatch):
+    """P is cached at P_loc with a sidecar naming its settings and the file's hash: a matching cache is read (no
+    covariance needed), a file rewritten by another run is not, and both give the same P."""
+    from megedit.baselines.alphaedit import alphaedit_main
+    from megedit.easyedit.loader import load_model_named
+
+    root, model_path, paths, _ = setup
+    hp = load_hparams(paths["AlphaEdit"])
+    hp.P_loc = str(root / "P" / "null_space_project.pt")
+    model, tok = load_model_named(model_path)
+    signature = alphaedit_main._signature(model, hp)
+    with compat.runtime():
+        computed = alphaedit_main._projectors(model, tok, hp, signature)
+    memit_main = importlib.import_module("easyeditor.models.memit.memit_main")
+    monkeypatch.setattr(memit_main, "get_cov", lambda *a, **k: pytest.fail("the cached P was not used"))
+    assert torch.equal(alphaedit_main._projectors(model, tok, hp, signature), computed)
+    assert alphaedit_main._load_projectors(Path(hp.P_loc), (*signature[:-1], 0.5)) is None  # other threshold
+    torch.save(torch.zeros_like(computed).float(), hp.P_loc)  # rewritten by a run with other settings
+    assert alphaedit_main._load_projectors(Path(hp.P_loc), signature) is None

@@ -18,8 +18,11 @@ are written here.
 """
 from __future__ import annotations
 
+import hashlib
 import importlib
+import io
 import json
+import os
 import weakref
 from contextlib import nullcontext
 from copy import deepcopy
@@ -88,10 +91,28 @@ def _signature(model, hp: AlphaEditHyperParams) -> tuple:
 
 
 def _load_projectors(path: Path, signature: tuple) -> torch.Tensor | None:
+    """The cached P if its sidecar names these settings and the file's bytes (another run may be rewriting it)."""
     meta = path.with_name(path.name + ".json")
-    if not (path.exists() and meta.exists()) or json.loads(meta.read_text()).get("signature") != list(signature):
+    if not (path.exists() and meta.exists()):
         return None
-    return torch.load(path, map_location="cpu").double()
+    expected, data = json.loads(meta.read_text()), path.read_bytes()
+    as_json = json.loads(json.dumps(list(signature)))  # tuples come back from JSON as lists
+    if expected.get("signature") != as_json or expected.get("sha1") != hashlib.sha1(data).hexdigest():
+        return None
+    return torch.load(io.BytesIO(data), map_location="cpu").double()
+
+
+def _save_projectors(path: Path, projectors: torch.Tensor, signature: tuple) -> None:
+    """The tensor alone, as EasyEdit's own AlphaEdit stores P, each file replaced atomically."""
+    buffer = io.BytesIO()
+    torch.save(projectors.float(), buffer)
+    data = buffer.getvalue()
+    meta = json.dumps({"signature": list(signature), "sha1": hashlib.sha1(data).hexdigest()})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for target, content in ((path, data), (path.with_name(path.name + ".json"), meta.encode())):
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        tmp.write_bytes(content)
+        os.replace(tmp, target)
 
 
 def _projectors(model, tok, hp: AlphaEditHyperParams, signature: tuple) -> torch.Tensor:
@@ -104,10 +125,9 @@ def _projectors(model, tok, hp: AlphaEditHyperParams, signature: tuple) -> torch
         null_space_projector(main.get_cov(model, tok, hp.rewrite_module_tmp.format(layer), hp.mom2_dataset,
                                           hp.mom2_n_samples, hp.mom2_dtype, hparams=hp).cpu(), hp.nullspace_threshold)
         for layer in hp.layers])
-    if path is not None:  # the tensor alone, as EasyEdit's own AlphaEdit stores P; the sidecar guards against reuse
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(projectors.float(), path)
-        path.with_name(path.name + ".json").write_text(json.dumps({"signature": list(signature)}))
+    projectors = projectors.float().double()  # as stored: a run that reads the cache edits exactly like this one
+    if path is not None:
+        _save_projectors(path, projectors, signature)
     return projectors
 
 

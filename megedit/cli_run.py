@@ -1,0 +1,24 @@
+"""``megedit run <config.yaml>``: every method of the config edits the same requests through EasyEdit's BaseEditor."""
+from __future__ import annotations
+
+import time
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("run", help="compare editing methods (hparams YAMLs) on the same requests; see examples/")
+    p.add_argument("config", help="run config YAML, e.g. examples/quick_compare.yaml")
+    p.add_argument("--output", help="overrides the config's output folder")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=main)
+
+
+def main(args) -> int:
+    from .report import markdown_table, ordered, result_row
+    from .runner import load_config, run
+
+    cfg = load_config(args.config, output=args.output)
+    start = time.time()
+    records = ordered([m.name for m in cfg.methods], run(cfg, progress=not args.no_progress))
+    print(markdown_table([result_row(r, cfg.metrics) for r in records]))
+    print(f"results: {cfg.output}/results.md, .csv, .json, .png ({time.time() - start:.0f} s wall)")
+    return 0

@@ -1,0 +1,93 @@
+"""The outputs of ``megedit run``: results JSON/CSV, a markdown table (methods × sizes) and a plot."""
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import numpy as np
+
+TITLES = {"rel_tf": "Rel TF", "rel_ag": "Rel AG", "gen_tf": "Gen TF", "gen_ag": "Gen AG", "loc_tf": "Loc TF",
+          "loc_ag": "Loc AG", "score": "Score", "ee_rewrite": "EE rewrite", "ee_rephrase": "EE rephrase",
+          "ee_locality": "EE locality", "edit_s": "edit time (s)", "peak_gb": "peak mem (GB)"}
+NOTE = ("Rel/Gen/Loc in %: TF = teacher-forced token accuracy (EasyEdit's definition), AG = exact greedy generation; "
+        "Loc compares with the unedited model. Score = harmonic mean of the six. EE = EasyEdit's own "
+        "compute_edit_quality on the same edited model (its batch_edit output). Edit time = EasyEdit's execution "
+        "time of the edit call(s). Peak mem = peak resident memory of the process that ran the method (peak CUDA "
+        "memory on a GPU).")
+
+
+def ordered(method_names: list[str], records: list[dict]) -> list[dict]:
+    """By size, then in the config's method order."""
+    position = {name: i for i, name in enumerate(method_names)}
+    return sorted(records, key=lambda r: (r["n"], position.get(r["method"], len(position))))
+
+
+def result_row(record: dict, metrics: list[str]) -> dict:
+    row = {"method": record["method"], "n": record["n"]}
+    row.update({m: record["summary"].get(m, math.nan) for m in metrics})
+    ee = record["easyedit"]
+    row.update({"ee_rewrite": ee["post_rewrite_acc"], "ee_rephrase": ee["post_rephrase_acc"],
+                "ee_locality": ee["post_locality_acc"], "edit_s": record["edit_seconds"],
+                "peak_gb": record["peak_rss_gb"] if record.get("peak_cuda_gb") is None else record["peak_cuda_gb"]})
+    return row
+
+
+def markdown_table(rows: list[dict]) -> str:
+    cols = [c for c in rows[0] if c not in ("method", "n")]
+    lines = ["| method | n | " + " | ".join(TITLES.get(c, c) for c in cols) + " |",
+             "|---|---:|" + "---:|" * len(cols)]
+    for r in rows:
+        cells = [f"{r[c]:.1f}" if c != "peak_gb" else f"{r[c]:.2f}" for c in cols]
+        lines.append(f"| {r['method']} | {r['n']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def z_cache_notes(records: list[dict]) -> list[str]:
+    """Edit times that exclude target vectors read from the z cache must say so."""
+    return [f"- {r['method']}, n={r['n']}: {r['z_reused']} of {r['n']} target vectors z were read from the z cache; "
+            "its edit time excludes computing them." for r in records if r.get("z_reused")]
+
+
+def write_tables(output: Path, title: str, rows: list[dict], records: list[dict]) -> None:
+    with open(output / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    notes = "\n".join(z_cache_notes(records))
+    (output / "results.md").write_text(f"# {title}\n\n{markdown_table(rows)}\n\n{NOTE}\n" +
+                                       (f"\n{notes}\n" if notes else ""))
+
+
+def plot(rows: list[dict], metrics: list[str], path: Path) -> None:
+    """Bars of every metric at the largest size; beside them, Score against the number of edits (several sizes)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = sorted({r["n"] for r in rows})
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    fig, axes = plt.subplots(1, 2 if len(sizes) > 1 else 1, figsize=(14 if len(sizes) > 1 else 10, 4), squeeze=False)
+    largest = [r for r in rows if r["n"] == sizes[-1]]
+    width = 0.8 / max(1, len(largest))
+    ax = axes[0][0]
+    for i, r in enumerate(largest):
+        ax.bar(np.arange(len(metrics)) + i * width, [r[m] for m in metrics], width, label=r["method"])
+    ax.set_xticks(np.arange(len(metrics)) + width * (len(largest) - 1) / 2, [TITLES[m] for m in metrics])
+    ax.set_ylim(0, 100)
+    ax.set_ylabel("%")
+    ax.set_title(f"{sizes[-1]} edits")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the bars, never over them
+    if len(sizes) > 1:
+        ax = axes[0][1]
+        for name in methods:
+            points = sorted((r["n"], r["score"]) for r in rows if r["method"] == name and "score" in r)
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
+        ax.set_xscale("log")
+        ax.set_xlabel("edits")
+        ax.set_ylabel("Score")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

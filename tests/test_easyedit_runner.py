@@ -1,0 +1,106 @@
+"""`megedit run`: MeG, MEMIT and AlphaEdit on the same requests through BaseEditor; tables, plot, resuming."""
+import csv
+import json
+
+import pytest
+import yaml
+
+from megedit import runner
+from conftest import REQUESTS, meg_hparams, memit_style_hparams, save_tiny_model, write_texts
+
+pytestmark = pytest.mark.usefixtures("single_thread", "easyedit")
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory):
+    from megedit.stats import precompute_stats
+
+    root = tmp_path_factory.mktemp("runner")
+    model_path = save_tiny_model(root / "tiny-lm")
+    memit = memit_style_hparams(root, model_path)
+    alpha = memit_style_hparams(root, model_path, alg="AlphaEdit")
+    precompute_stats(memit, sources=[str(write_texts(root))], progress=False)
+    meg = root / "meg.yaml"
+    meg.write_text(yaml.safe_dump(meg_hparams(model_path).to_dict()))
+    data = root / "edits.json"  # EasyEdit's CounterFact format
+    data.write_text(json.dumps([{"case_id": 10 + r["case_id"], "prompt": r["prompt"], "subject": r["subject"],
+                                 "target_new": r["target_new"], "ground_truth": r["ground_truth"],
+                                 "rephrase_prompt": r["rephrase_prompt"],
+                                 "locality_prompt": r["locality"]["neighborhood"]["prompt"],
+                                 "locality_ground_truth": r["locality"]["neighborhood"]["ground_truth"]}
+                                for r in REQUESTS]))
+    path = root / "run.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": "tiny comparison", "data": {"format": "counterfact", "path": str(data)}, "sizes": [2, 3],
+        "methods": [str(meg), str(memit), {"hparams": str(alpha), "name": "AlphaEdit (L2=5)", "set": {"L2": 5.0}}],
+        "output": str(root / "out"), "seed": 0, "isolate": False}))  # in-process: faster, and run_method can be watched
+    return path
+
+
+def test_run_writes_tables_plot_and_resumes(config, monkeypatch):
+    cfg = runner.load_config(config)
+    records = runner.run(cfg, progress=False)
+    names = {r["method"] for r in records}
+    assert len(records) == 6 and len(names) == 3 and "AlphaEdit (L2=5)" in names
+    assert {r["alg_name"] for r in records} == {"MeG", "MEMIT", "AlphaEdit"}
+    out = cfg.output
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert len(rows) == 6 and {"rel_tf", "gen_ag", "loc_tf", "score", "ee_rewrite", "edit_s", "peak_gb"} <= set(rows[0])
+    table = (out / "results.md").read_text()
+    assert "| method | n | Rel TF | Rel AG" in table and table.count("\n|") >= 7
+    assert (out / "results.png").stat().st_size > 1000
+    alpha = next(r for r in records if r["method"] == "AlphaEdit (L2=5)" and r["n"] == 3)
+    assert alpha["hparams"]["L2"] == 5.0 and alpha["case_ids"] == [10, 11, 12] and alpha["peak_rss_gb"] > 0
+    for r in records:  # EasyEdit's teacher-forced numbers and megedit's agree on every method
+        assert r["summary"]["rel_tf"] == pytest.approx(r["easyedit"]["post_rewrite_acc"], abs=1e-6)
+        assert r["summary"]["gen_tf"] == pytest.approx(r["easyedit"]["post_rephrase_acc"], abs=1e-6)
+        assert r["summary"]["loc_tf"] == pytest.approx(r["easyedit"]["post_locality_acc"], abs=1e-6)
+    z_files = list((out / "z_cache").rglob("*.npz"))
+    assert {f.name.rsplit("case", 1)[1] for f in z_files} == {"10.npz", "11.npz", "12.npz"}
+    assert len({f.parent for f in z_files}) == 2  # MEMIT and AlphaEdit each compute their own (share_z: false)
+    reused = {(r["alg_name"], r["n"]): r["z_reused"] for r in records if r["alg_name"] != "MeG"}
+    assert reused == {("MEMIT", 2): 0, ("MEMIT", 3): 2, ("AlphaEdit", 2): 0, ("AlphaEdit", 3): 2}
+    assert "2 of 3 target vectors z were read from the z cache" in table
+
+    real, ran = runner.run_method, []
+
+    def recording(method, requests, *args, **kwargs):
+        ran.append((method.name, len(requests)))
+        return real(method, requests, *args, **kwargs)
+
+    monkeypatch.setattr(runner, "run_method", recording)
+    assert len(runner.run(cfg, progress=False)) == 6 and ran == []  # everything was done: nothing runs again
+    cfg.methods[2].overrides["L2"] = 7.0  # a changed setting invalidates that method's results only
+    again = runner.run(cfg, progress=False)
+    assert ran == [("AlphaEdit (L2=5)", 2), ("AlphaEdit (L2=5)", 3)]
+    assert {r["hparams"]["L2"] for r in again if r["alg_name"] == "AlphaEdit"} == {7.0}
+
+
+def test_config_errors_name_the_key(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({"data": {"path": "x.json"}, "sizes": [10], "methods": ["nope.yaml"], "metric": []}))
+    with pytest.raises(ValueError, match="unknown key.*metric"):
+        runner.load_config(path)
+    path.write_text(yaml.safe_dump({"data": {"path": "x.json"}, "sizes": [0], "methods": ["nope.yaml"]}))
+    with pytest.raises(ValueError, match="sizes"):
+        runner.load_config(path)
+    path.write_text(yaml.safe_dump({"data": {"path": "x.json"}, "sizes": [1], "methods": ["nope.yaml"]}))
+    with pytest.raises(FileNotFoundError, match="nope.yaml"):
+        runner.load_config(path)
+
+
+def test_isolated_run_matches_the_in_process_one(config, tmp_path):
+    """isolate: true runs each method in a fresh process; with the same seed it edits exactly as in-process."""
+    cfg = runner.load_config(config)
+    memit = next(m for m in cfg.methods if "memit" in m.hparams)
+    in_process = runner.run_method(memit, _requests(cfg, 2), cfg, tmp_path / "a.log", progress=False)
+    cfg.isolate, cfg.z_cache = True, tmp_path / "z"
+    isolated = runner.run_isolated(memit, _requests(cfg, 2), cfg, tmp_path / "b.log", progress=False)
+    assert isolated["z_reused"] == 0 and isolated["peak_rss_gb"] > 0
+    assert isolated["summary"] == in_process["summary"] and isolated["easyedit"] == in_process["easyedit"]
+
+
+def _requests(cfg, n):
+    from megedit.data import load_requests
+
+    return load_requests(cfg.data_format, cfg.data_path, n=n)
