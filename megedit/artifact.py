@@ -55,7 +55,7 @@ def base_fingerprint(model, layer: int) -> dict:
 
 def check_base_model(saved: dict, model, source: str, strict: bool = True) -> None:
     """Raise ValueError naming the first difference between ``saved`` and ``model``'s fingerprint."""
-    current = base_fingerprint(model, saved["layer"]) if saved["layer"] < len(decoder_layers(model)) else {}
+    current = base_fingerprint(model, min(saved["layer"], len(decoder_layers(model)) - 1))  # num_layers tells
     keys = STRUCTURE + (("dtype", "weights_sha256") if strict else ())
     for key in keys:
         if saved.get(key) != current.get(key):

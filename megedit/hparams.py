@@ -140,7 +140,8 @@ class MeGHyperParams:
             value = _coerce(getattr(self, f.name), hints[f.name])
             setattr(self, f.name, value)
             if not _type_ok(value, hints[f.name]):
-                raise HParamsError(f"hparams field {f.name!r} must be {hints[f.name]}, got {value!r}")
+                hint = hints[f.name]
+                raise HParamsError(f"hparams field {f.name!r} must be {getattr(hint, '__name__', hint)}, got {value!r}")
         if self.alg_name != "MeG":
             raise HParamsError(f"alg_name must be 'MeG' for MeGHyperParams, got {self.alg_name!r}")
         choices = {"generator": ("dit", "mlp"), "gen_scheduler": ("ddim", "ddpm"),

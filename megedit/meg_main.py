@@ -139,8 +139,10 @@ def _fit_report(fit, requests: list[dict]) -> dict:
         log.warning("neuron fits of case_ids %s gave NaN/inf: marked failed and left out of generator training",
                     [case_ids[i] for i in nonfinite.nonzero().squeeze(1).tolist()])
     if not fit.ok.any():
-        raise RuntimeError(f"no neuron fit reproduced its target (case_ids {case_ids}): raise fit_steps or fit_lr, "
-                           "or choose another layer")
+        why = f"; {int(nonfinite.sum())} of them gave NaN/inf: check the model's weights or lower fit_lr" \
+            if nonfinite.any() else ""
+        raise RuntimeError(f"no neuron fit reproduced its target (case_ids {case_ids}{why}): raise fit_steps or "
+                           "fit_lr, or choose another layer")
     return {"ok": float(fit.ok.float().mean()), "view_acc": float(fit.view_acc.mean()),
             "mean_steps": float(fit.steps.float().mean()),
             "failed_case_ids": [case_ids[i] for i in (~fit.ok).nonzero().squeeze(1).tolist()],

@@ -67,6 +67,10 @@ def test_loading_onto_another_base_model_is_refused(trained):
         MeGModel.from_pretrained(tiny_model("llama", seed=1), tok, saved)
     with pytest.raises(ValueError, match=r"different base model: its model_type is 'llama', this model's is 'gpt2'"):
         MeGModel.from_pretrained(tiny_model("gpt2"), tok, saved)
+    shallow = tiny_model("llama")
+    shallow.model.layers = shallow.model.layers[:1]  # the edited layer 1 does not exist here
+    with pytest.raises(ValueError, match=r"its num_layers is 3, this model's is 1"):
+        MeGModel.from_pretrained(shallow, tok, saved)
     with pytest.raises(ValueError, match=r"its dtype is 'torch.float32', this model's is 'torch.bfloat16'"):
         MeGModel.from_pretrained(tiny_base()[0].to(torch.bfloat16), tok, saved)
     other = MeGModel.from_pretrained(tiny_model("llama", seed=1), tok, saved, strict=False)  # same shape: allowed

@@ -45,7 +45,8 @@ def test_no_neuron_fit_at_all_stops_with_the_case_ids(tmp_path):
     model, tok = tiny_base()
     with torch.no_grad():
         model.get_input_embeddings().weight.fill_(float("inf"))
-    with pytest.raises(RuntimeError, match=r"no neuron fit reproduced its target \(case_ids \[10, 11, 12, 13\]\)"):
+    with pytest.raises(RuntimeError, match=r"no neuron fit reproduced its target \(case_ids \[10, 11, 12, 13\]; 4 of them "
+                                           r"gave NaN/inf: check the model's weights or lower fit_lr\)"):
         train_meg(model, tok, EDITS, tiny_hparams(tmp_path), progress=False)
 
 
