@@ -11,6 +11,7 @@ Inside, every file is written atomically:
     generator.pt                    the generator's training state, every ``checkpoint_gen_epochs`` epochs and at the end
 
 With ``checkpoint_dir: null`` the checkpoint is disabled: ``has`` is always False and saving does nothing.
+Under data parallelism every rank reads the folder (it must be on a filesystem they all see) and rank 0 alone writes.
 """
 from __future__ import annotations
 
@@ -26,7 +27,8 @@ from .atomic import atomic_dir, atomic_write
 
 log = logging.getLogger(__name__)
 
-NOT_IN_KEY = ("checkpoint_dir", "checkpoint_gen_epochs")  # where and how often to save do not change the result
+# where and how often to save, and where the weights sit, do not change the result (and leave older run keys valid)
+NOT_IN_KEY = ("checkpoint_dir", "checkpoint_gen_epochs", "device_map")
 
 
 def run_key(requests: list[dict], hp, base_fingerprint: dict) -> tuple[str, dict]:
@@ -57,19 +59,23 @@ def set_rng_state(state: dict[str, torch.Tensor]) -> None:
 
 
 class RunCheckpoint:
-    """The checkpoint folder of one run (``root`` None: disabled)."""
+    """The checkpoint folder of one run (``root`` None: disabled; ``writer`` False: read-only, as on ranks > 0)."""
 
-    def __init__(self, root: Path | None):
+    def __init__(self, root: Path | None, writer: bool = True):
         self.root = root
+        self.writer = writer
 
     @classmethod
     def for_run(cls, requests: list[dict], hp, base_fingerprint: dict) -> "RunCheckpoint":
+        from .distributed import is_main
+
         if hp.checkpoint_dir is None:
             return cls(None)
         key, described = run_key(requests, hp, base_fingerprint)
-        ckpt = cls(Path(hp.checkpoint_dir).expanduser() / key)
+        ckpt = cls(Path(hp.checkpoint_dir).expanduser() / key, writer=is_main())
         if ckpt.has("run.json"):
-            log.warning("resuming from checkpoint %s", ckpt.root)
+            if ckpt.writer:  # ranks > 0 may see the run.json rank 0 has just written
+                log.warning("resuming from checkpoint %s", ckpt.root)
         else:
             ckpt.save_json("run.json", described)
         return ckpt
@@ -81,14 +87,14 @@ class RunCheckpoint:
         return self.root is not None and self.path(name).exists()
 
     def save_json(self, name: str, obj) -> None:
-        if self.root is not None:
+        if self.root is not None and self.writer:
             atomic_write(self.path(name), lambda tmp: tmp.write_text(json.dumps(obj, indent=2, default=str)))
 
     def load_json(self, name: str):
         return json.loads(self.path(name).read_text())
 
     def save_tensors(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
-        if self.root is not None:
+        if self.root is not None and self.writer:
             plain = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
             atomic_write(self.path(name), lambda tmp: save_file(plain, str(tmp)))
 
@@ -97,14 +103,14 @@ class RunCheckpoint:
 
     def save_state(self, name: str, state: dict) -> None:
         """Training state (optimiser, scheduler, RNG): nested dicts of tensors and numbers."""
-        if self.root is not None:
+        if self.root is not None and self.writer:
             atomic_write(self.path(name), lambda tmp: torch.save(state, tmp))
 
     def load_state(self, name: str) -> dict:
         return torch.load(self.path(name), weights_only=True)
 
     def save_encoder(self, name: str, encoder) -> None:
-        if self.root is not None:
+        if self.root is not None and self.writer:
             atomic_dir(self.path(name), lambda tmp: encoder.save(str(tmp), create_model_card=False), replace=True)
 
     def load_encoder(self, name: str, device: str):

@@ -1,4 +1,14 @@
-"""``megedit edit <hparams.yaml> --data <file> --n N``: apply MeG, print metrics before/after and each stage's time."""
+"""``megedit edit <hparams.yaml> --data <file> --n N``: apply MeG, print metrics before/after and each stage's time.
+
+Data-parallel over N processes (neuron fitting and generator training; see ``megedit.distributed``), e.g. on CPU::
+
+    ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no \
+        --dynamo_backend no -m megedit.cli edit hparams/MeG/smollm2-135m.yaml --data counterfact/... --num-edits 1000
+    torchrun --nproc_per_node 2 -m megedit.cli edit hparams/MeG/smollm2-135m.yaml --data counterfact/... --num-edits 1000
+
+On GPUs drop ``ACCELERATE_USE_CPU=true`` and set ``device: cuda`` (each process takes the GPU of its LOCAL_RANK).
+Rank 0 alone evaluates, prints and writes results.
+"""
 from __future__ import annotations
 
 import time
@@ -14,7 +24,8 @@ def add_parser(sub) -> None:
     p.add_argument("hparams", help="MeG hparams YAML, e.g. hparams/MeG/smollm2-135m.yaml")
     p.add_argument("--data", required=True, help="edit requests (CounterFact, ROME CounterFact or MEND zsRE JSON)")
     p.add_argument("--format", default="auto", help="data format: auto, counterfact, counterfact-rome, zsre")
-    p.add_argument("--n", type=int, default=100, help="number of edits")
+    # under torchrun / accelerate launch write --num-edits: their parsers take --n for an abbreviation of their own
+    p.add_argument("--n", "--num-edits", dest="n", type=int, default=100, help="number of edits")
     p.add_argument("--offset", type=int, default=0, help="first record to edit")
     p.add_argument("--pseudo-data", help="pseudo-edit pool (overrides pseudo_edit_data in the hparams)")
     p.add_argument("--device", help="overrides device in the hparams")
@@ -58,7 +69,7 @@ def model_config(model_name: str):
 
 
 def main(args) -> int:
-    from . import apply_meg_to_model, evaluate_requests, load_model, load_requests, locality_reference
+    from . import apply_meg_to_model, distributed, evaluate_requests, load_model, load_requests, locality_reference
     from .arch import check_config, check_layer
     from .cli import environment, write_json
     from .data import validate_requests
@@ -66,6 +77,7 @@ def main(args) -> int:
     from .meg_main import load_pool
     from .probe import gate_probe
 
+    distributed.init()  # under a launcher: join the other processes (nothing in a single process)
     hp = MeGHyperParams.from_hparams(args.hparams)
     changes = parse_overrides(args.set)
     if args.pseudo_data:
@@ -92,11 +104,21 @@ def main(args) -> int:
     check_layer(model, hp.layer)
     load_s = time.time() - started
 
-    t0 = time.time()
-    reference = locality_reference(model, tok, requests, hp.eval_batch_size)
-    pre = evaluate_requests(model, tok, requests, reference, hp.eval_batch_size)
-    pre_s = time.time() - t0
-    edited, _ = apply_meg_to_model(model, tok, requests, hp)
+    def evaluate_base():
+        t0 = time.time()
+        reference = locality_reference(model, tok, requests, hp.eval_batch_size)
+        return reference, evaluate_requests(model, tok, requests, reference, hp.eval_batch_size), time.time() - t0
+
+    if distributed.world_size() == 1:
+        reference, pre, pre_s = evaluate_base()
+        edited, _ = apply_meg_to_model(model, tok, requests, hp)
+    else:
+        # every rank trains; rank 0 alone evaluates, after training, so that no rank waits for it in a collective
+        # (which times out). The base model still answers as before: the neuron is off outside MeGModel calls.
+        edited, _ = apply_meg_to_model(model, tok, requests, hp)
+        if not distributed.is_main():
+            return 0
+        reference, pre, pre_s = evaluate_base()
     if args.save:
         edited.save_pretrained(args.save)  # before evaluation: a crash there does not lose the edit
     t0 = time.time()

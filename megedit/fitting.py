@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from . import distributed
 from .arch import arch_of, decoder_layers, hidden_size, neuron_size
 from .neuron import NeuronBatch, active_neurons, inject_neuron
 from .upper import TailStack, split_tail
@@ -67,7 +68,7 @@ def _activation(x: torch.Tensor, w: torch.Tensor, form: str, act, d: int) -> tor
 def _fit_chunk(model, tok, neuron, mlp, layer, views, targets, init, hp):
     """Fit the edits of one chunk; returns a FitResult (weights not yet canonical) and each edit's pre-activation sign."""
     E = len(views)
-    device = next(model.parameters()).device
+    device = next(mlp.parameters()).device  # where the neuron acts (with a device_map, maybe not the embeddings')
     seq_edit = torch.tensor([e for e, vs in enumerate(views) for _ in vs], device=device)
     prompts = [v for vs in views for v in vs]
     full = tok([p + " " + targets[e] for p, e in zip(prompts, seq_edit.tolist())])["input_ids"]
@@ -142,6 +143,10 @@ def fit_neurons(model, tok, views: list[list[str]], targets: list[str], hp, prog
 
     ``checkpoint`` (a ``megedit.checkpoint.RunCheckpoint``): each chunk of ``hp.fit_batch_edits`` edits is saved once
     fitted, and a chunk found there is loaded instead of fitted again.
+
+    Data-parallel (``megedit.distributed``): the chunks still to fit are dealt out one per rank per round; after each
+    round every rank receives the round's fits (so rank 0 can checkpoint them), and all ranks return every edit's fit.
+    A chunk's fit does not depend on which rank makes it, so the result is the single-process one.
     """
     if len(views) != len(targets):
         raise ValueError(f"views has {len(views)} edits but targets has {len(targets)}: give one target per edit")
@@ -150,27 +155,34 @@ def fit_neurons(model, tok, views: list[list[str]], targets: list[str], hp, prog
     spec, d = arch_of(model), hidden_size(model)
     init = initial_neuron(model, hp.fit_init_scale, hp.seed)
     chunk_edits = hp.fit_batch_edits
-    results = []
+    starts = list(range(0, len(views), chunk_edits))
+    name = "neurons/from_{:06d}.safetensors".format
+    parts = {s: FitResult(**checkpoint.load_tensors(name(s))) for s in starts
+             if checkpoint is not None and checkpoint.has(name(s))}
+    todo = [s for s in starts if s not in parts]
+    ranks, rank = distributed.world_size(), distributed.rank()
     trainable = [p for p in model.parameters() if p.requires_grad]
     model.requires_grad_(False)  # the LLM is frozen: no weight gradients, only the neuron's
     bar = tqdm(total=len(views), desc="stage 3: fit neurons", unit="edit", disable=not progress)
+    bar.update(sum(len(p.ok) for p in parts.values()))
     try:
-        for start in range(0, len(views), chunk_edits):
-            name = f"neurons/from_{start:06d}.safetensors"
-            if checkpoint is not None and checkpoint.has(name):
-                part = FitResult(**checkpoint.load_tensors(name))
-            else:
+        for first in range(0, len(todo), ranks):
+            round_starts, part = todo[first:first + ranks], None  # one chunk per rank (the last round: maybe fewer)
+            if rank < len(round_starts):
+                start = round_starts[rank]
                 part, signs = _fit_chunk(model, tok, neuron, mlp, hp.layer, views[start:start + chunk_edits],
                                          targets[start:start + chunk_edits], init, hp)
                 part.weights = canonicalise(part.weights, signs, spec.form, d)
+            for start, fitted in zip(round_starts, distributed.all_gather_objects(part)):
+                parts[start] = fitted
                 if checkpoint is not None:
-                    checkpoint.save_tensors(name, vars(part))
-            results.append(part)
-            bar.update(len(part.ok))
-            bar.set_postfix(ok=f"{float(torch.cat([r.ok for r in results]).float().mean()):.3f}")
+                    checkpoint.save_tensors(name(start), vars(fitted))
+                bar.update(len(fitted.ok))
+            bar.set_postfix(ok=f"{float(torch.cat([r.ok for r in parts.values()]).float().mean()):.3f}")
     finally:
         bar.close()
         for p in trainable:
             p.requires_grad_(True)
     # a NaN/inf fit has ok False; train_meg reports it by case_id and leaves it out of generator training
+    results = [parts[s] for s in starts]  # edit order
     return FitResult(*(torch.cat([getattr(r, f) for r in results]) for f in FitResult.__dataclass_fields__))

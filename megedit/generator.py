@@ -7,6 +7,9 @@ ablation: an MLP that regresses the weights directly.
 Sampling is a deterministic function of the query alone: every query starts from the same stored noise vector (and,
 for the ancestral DDPM sampler, sees the same per-step noise), so its weights never depend on what else is in the
 batch; a fresh scheduler per call keeps concurrent calls from sharing scheduler state.
+
+Data-parallel training (``megedit.distributed``) follows DDP: every rank draws the same batches and the same noise,
+trains on its own slice of each batch, and the gradients are averaged, so each optimiser step is the single-process one.
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ from diffusers.optimization import get_cosine_schedule_with_warmup
 from diffusers.training_utils import compute_density_for_timestep_sampling
 from tqdm.auto import tqdm
 
+from . import distributed
 from .dit import DiT
 
 
@@ -89,6 +93,7 @@ class NeuronGenerator(nn.Module):
 
         ``checkpoint`` (a ``megedit.checkpoint.RunCheckpoint``): the training state (network, optimiser, LR schedule,
         RNG) is saved every ``hp.checkpoint_gen_epochs`` epochs and at the end, and training resumes from it.
+        Data-parallel: every rank passes the same arguments; each computes the loss on its slice of every batch.
         Returns {"loss": final epoch's mean loss, "seconds", "steps": optimiser steps}.
         """
         if noise_schedule(hp) != self.schedule:
@@ -124,19 +129,33 @@ class NeuronGenerator(nn.Module):
             lr_schedule.load_state_dict(state["lr_schedule"])
             g.set_state(state["rng"])
             first_epoch, steps, epoch_loss = state["epoch"], state["steps"], state["loss"]
+        ranks, rank = distributed.world_size(), distributed.rank()
+        distributed.broadcast_tensors(self.net.state_dict().values())  # as DDP does: every rank starts from rank 0's
         self.net.train()
         bar = tqdm(range(first_epoch, epochs), desc="stage 4: train generator", disable=not progress)
         for epoch in bar:
             total = torch.zeros((), device=device)
             for idx in torch.randperm(M, generator=g, device=device).split(hp.gen_batch_size):
-                loss = self._loss(normalised[edit_index[idx]], conds[idx], scheduler, g, hp.gen_cond_dropout)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
+                if ranks == 1:
+                    loss = self._loss(normalised[edit_index[idx]], conds[idx], scheduler, g, hp.gen_cond_dropout)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    total += loss.detach() * len(idx)
+                else:
+                    mine = slice(rank * len(idx) // ranks, (rank + 1) * len(idx) // ranks)  # this rank's rows
+                    loss = self._loss(normalised[edit_index[idx]], conds[idx], scheduler, g, hp.gen_cond_dropout,
+                                      rows=mine)
+                    opt.zero_grad(set_to_none=True)
+                    if loss is not None:
+                        n = mine.stop - mine.start
+                        # weighted so that the average over ranks is the gradient of the whole batch's mean loss
+                        (loss * (n * ranks / len(idx))).backward()
+                        total += loss.detach() * n
+                    distributed.average_gradients(self.net.parameters())
                 opt.step()
                 lr_schedule.step()
-                total += loss.detach() * len(idx)
                 steps += 1
-            epoch_loss = (total / M).item()
+            epoch_loss = (distributed.all_reduce_sum(total) / M).item()
             if not math.isfinite(epoch_loss):  # checked before any checkpoint: a diverged state is never saved
                 raise RuntimeError(f"generator training diverged: loss {epoch_loss} in epoch "
                                    f"{epoch + 1}/{epochs} (lr {hp.gen_lr}); lower gen_lr or gen_target_scale")
@@ -149,9 +168,16 @@ class NeuronGenerator(nn.Module):
         return {"loss": epoch_loss, "seconds": time.perf_counter() - start, "steps": steps}
 
     def _loss(self, x0: torch.Tensor, cond: torch.Tensor, scheduler: DDPMScheduler, g: torch.Generator,
-              cond_dropout: float) -> torch.Tensor:
+              cond_dropout: float, rows: slice | None = None) -> torch.Tensor | None:
+        """The batch's mean loss; with ``rows`` (data-parallel), the mean over those rows alone, None if there are none.
+
+        The noise, timesteps and dropout are drawn for the whole batch either way, so that a row gets the same draw on
+        whichever rank it lands, and every rank's generator ``g`` stays in step.
+        """
         if self.kind == "mlp":
-            return F.mse_loss(self.net(cond), x0)
+            if rows is not None:
+                x0, cond = x0[rows], cond[rows]
+            return F.mse_loss(self.net(cond), x0) if len(x0) else None
         N, device = len(x0), x0.device
         noise = torch.randn(x0.shape, generator=g, device=device)  # (N, P)
         # Few-step sampling only visits the noisiest timesteps; SD3's logit-normal density can put training there.
@@ -160,6 +186,10 @@ class NeuronGenerator(nn.Module):
         T = scheduler.config.num_train_timesteps
         t = (u * T).long().clamp_(0, T - 1)  # (N,)
         drop = torch.rand(N, generator=g, device=device) < cond_dropout  # (N,)
+        if rows is not None:
+            x0, cond, noise, t, drop = x0[rows], cond[rows], noise[rows], t[rows], drop[rows]
+            if not len(x0):
+                return None
         prediction = self.net(scheduler.add_noise(x0, noise, t), t, cond, force_drop=drop)  # (N, P)
         kind = scheduler.config.prediction_type
         target = noise if kind == "epsilon" else x0 if kind == "sample" else scheduler.get_velocity(x0, noise, t)

@@ -4,6 +4,8 @@
 2. train the familiarity gate on the edits' views and near misses; choose ε on held-out calibration queries
 3. fit one neuron per edit on its views
 4. train the generator to map a query embedding to its edit's neuron
+
+Under ``accelerate launch`` / ``torchrun`` the same call runs data-parallel (see ``megedit.distributed``).
 """
 from __future__ import annotations
 
@@ -15,7 +17,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .arch import check_layer, neuron_size
+from . import distributed
+from .arch import arch_of, check_layer, decoder_layers, neuron_size
 from .artifact import base_fingerprint
 from .augment import NEAR_MISS_KINDS, PseudoEditPool
 from .checkpoint import RunCheckpoint, rng_state, set_rng_state
@@ -153,7 +156,10 @@ def train_meg(model, tok, requests: list[dict], hp: MeGHyperParams, progress: bo
     """Run the four stages; returns the learned edit and a report (seconds per stage, gate rates, fit stats).
 
     With ``hp.checkpoint_dir`` set, each stage's output is saved as it is made and an interrupted run resumes there.
+    Under a launcher with several processes, every rank calls this and gets the same edit (``megedit.distributed``).
     """
+    distributed.init()
+    progress = progress and distributed.is_main()
     requests = validate_requests(requests)
     check_layer(model, hp.layer)
     if hp.pseudo_edit_data is None and hp.familiarity_epsilon is None:
@@ -162,8 +168,11 @@ def train_meg(model, tok, requests: list[dict], hp: MeGHyperParams, progress: bo
     fingerprint = base_fingerprint(model, hp.layer)
     ckpt = RunCheckpoint.for_run(requests, hp, fingerprint)
     torch.manual_seed(hp.seed)
-    device = next(model.parameters()).device
+    # the edited MLP's device: with a device_map it may not be the embeddings', and the neuron's weights go there
+    device = next(getattr(decoder_layers(model)[hp.layer], arch_of(model).mlp).parameters()).device
     report: dict = {"n_edits": len(requests), "seed": hp.seed, "seconds": {}}
+    if distributed.world_size() > 1:
+        report["world_size"] = distributed.world_size()
     if ckpt.root is not None:
         report["checkpoint"] = str(ckpt.root)
     t0 = time.time()
@@ -186,6 +195,8 @@ def train_meg(model, tok, requests: list[dict], hp: MeGHyperParams, progress: bo
     t0 = time.time()
     familiarity, gate_report = _stage2_gate(emb, texts, len(requests), hp, device, ckpt, progress)
     report.update(gate_report)
+    # stages 1-2 ran on every rank (cheap); rank 0's results make every rank's identical bit for bit
+    distributed.broadcast_tensors([*encoder.state_dict().values(), *familiarity.state_dict().values(), *emb.values()])
     report["seconds"]["stage2_familiarity"] = time.time() - t0
 
     t0 = time.time()
