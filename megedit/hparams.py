@@ -55,6 +55,9 @@ class MeGHyperParams:
     layer: int  # decoder layer whose MLP gets the dynamic neuron
     alg_name: str = "MeG"
     device: str = "cpu"  # "cpu", "cuda", "cuda:1", "mps"; an int N means "cuda:N" (EasyEdit's convention)
+    # instead of `device`: from_pretrained's device_map for a model too large for one device ("auto", or a dict of
+    # module name -> device); every weight must land on a device (no cpu/disk offload)
+    device_map: str | dict | None = None
     seed: int = 0
     # EasyEdit's editor reads these
     max_length: int = 64

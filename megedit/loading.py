@@ -73,15 +73,31 @@ def resolve_model_path(model_name: str) -> str:
     return model_name
 
 
-def load_model(hparams_or_name, device: str | None = None, dtype: torch.dtype = torch.float32):
-    """Return ``(model, tokenizer)`` in eval mode on ``device`` (default: ``hparams.device``, else "cpu")."""
+def load_model(hparams_or_name, device: str | None = None, dtype: torch.dtype = torch.float32,
+               device_map: str | dict | None = None):
+    """Return ``(model, tokenizer)`` in eval mode on ``device`` (default: ``hparams.device``, else "cpu").
+
+    ``device_map`` (default: ``hparams.device_map``) goes to ``from_pretrained`` instead, for a model too large for one
+    device: "auto" spreads its layers over the visible GPUs. Under a data-parallel launcher, a bare "cuda" device means
+    this process's own GPU.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .distributed import local_device
+
     name = getattr(hparams_or_name, "model_name", hparams_or_name)
-    device = device or getattr(hparams_or_name, "device", None) or "cpu"
+    device = local_device(device or getattr(hparams_or_name, "device", None) or "cpu")
+    device_map = device_map or getattr(hparams_or_name, "device_map", None)
     path = resolve_model_path(name)
     tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    if device_map is not None:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device_map).eval()
+        offloaded = sorted({n.rsplit(".", 1)[0] for n, p in model.named_parameters() if p.device.type == "meta"})
+        if offloaded:  # weights that live on cpu/disk and visit a GPU per call cannot be fingerprinted or replayed
+            raise ValueError(f"device_map {device_map!r} offloads {len(offloaded)} modules (e.g. {offloaded[0]}) to "
+                             "cpu or disk: MeG needs every weight on a device; give the model more GPUs or max memory")
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return model, tok

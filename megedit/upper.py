@@ -57,7 +57,7 @@ class _PrefixKV:
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         k, v = self.keys[layer_idx], self.values[layer_idx]
         if self.rows is not None:
-            k, v = k[self.rows], v[self.rows]
+            k, v = k[self.rows.to(k.device)], v[self.rows.to(v.device)]
         return torch.cat([k, key_states], dim=-2), torch.cat([v, value_states], dim=-2)
 
 
@@ -65,17 +65,19 @@ class TailStack:
     """Layers ``layer..N-1`` of ``model``, ready to replay on the tail of ``batch``."""
 
     def __init__(self, model: nn.Module, layer: int, batch: TailBatch):
-        device = next(model.parameters()).device
+        device = next(model.parameters()).device  # where the inputs go (the embeddings')
         self.layers = list(decoder_layers(model))[layer:]
         self.final_norm = get_module(model, arch_of(model).final_norm)
         self.lm_head = model.get_output_embeddings()
         self.batch_size = batch.tail_ids.shape[0]
         mlp = getattr(decoder_layers(model)[layer], arch_of(model).mlp)
+        # where the neuron acts: with a device_map, layer `layer` may sit on another device than the embeddings
+        self.device = next(mlp.parameters()).device
         mask = torch.cat([batch.prefix_mask, batch.tail_mask], 1).to(device)
         positions = (mask.cumsum(-1) - 1).clamp_min(0)
         P = batch.prefix_ids.shape[1]
         n_layers = len(decoder_layers(model))
-        keys, values, prefix_mlp_in = self._prefix_pass(model, mlp, batch, n_layers, device)
+        keys, values, prefix_mlp_in = self._prefix_pass(model, mlp, batch, n_layers, device, self.device)
         cache = DynamicCache(config=model.config)
         if P:
             for i in range(n_layers):
@@ -94,16 +96,17 @@ class TailStack:
         self.prefix_kv = (keys, values)
         self._cache = cache
         args, kwargs = self.calls[0]
-        self.hidden = (args[0] if args else kwargs["hidden_states"]).detach()  # (S, Tt, d) entering layer `layer`
+        # (S, Tt, d) entering layer `layer`; a pre-hook sees it before a device_map's hook moves it to the layer
+        self.hidden = (args[0] if args else kwargs["hidden_states"]).detach().to(self.device)
         # MLP inputs of layer `layer` (unchanged by the neuron, which acts on its output): prefix and tail
         self.prefix_mlp_in = prefix_mlp_in
         self.tail_mlp_in = mlp_inputs[0]
-        self.prefix_mask = batch.prefix_mask.to(device)
-        self.tail_mask = batch.tail_mask.to(device)
+        self.prefix_mask = batch.prefix_mask.to(self.device)
+        self.tail_mask = batch.tail_mask.to(self.device)
 
     @staticmethod
     @torch.no_grad()
-    def _prefix_pass(model, mlp, batch: TailBatch, n_layers: int, device, bucket: int = 64):
+    def _prefix_pass(model, mlp, batch: TailBatch, n_layers: int, device, mlp_device, bucket: int = 64):
         """Keys/values of every layer and the MLP inputs of the edited layer over the left-padded prefixes.
 
         Sequences run in buckets of similar length, so short prefixes are not padded to the longest one.
@@ -112,7 +115,7 @@ class TailStack:
         d = hidden_size(model)
         keys: list[torch.Tensor | None] = [None] * n_layers
         values: list[torch.Tensor | None] = [None] * n_layers
-        mlp_in = torch.zeros(S, P, d, device=device, dtype=next(model.parameters()).dtype)
+        mlp_in = torch.zeros(S, P, d, device=mlp_device, dtype=next(model.parameters()).dtype)
         if P == 0:
             return keys, values, mlp_in
         lengths = batch.prefix_mask.sum(1)
@@ -129,14 +132,14 @@ class TailStack:
                       past_key_values=cache, use_cache=True, logits_to_keep=1)
             finally:
                 hook.remove()
-            mlp_in[rows.to(device), P - width:] = seen[0]
+            mlp_in[rows.to(mlp_device), P - width:] = seen[0]
             for i in range(n_layers):
                 k, v = cache.layers[i].keys, cache.layers[i].values
                 if keys[i] is None:
                     keys[i] = k.new_zeros(S, k.shape[1], P, k.shape[3])
                     values[i] = v.new_zeros(S, v.shape[1], P, v.shape[3])
-                keys[i][rows.to(device), :, P - width:] = k
-                values[i][rows.to(device), :, P - width:] = v
+                keys[i][rows.to(k.device), :, P - width:] = k  # each layer's cache stays on that layer's device
+                values[i][rows.to(v.device), :, P - width:] = v
         return keys, values, mlp_in
 
     def _capture(self, module, args, kwargs):
@@ -148,7 +151,7 @@ class TailStack:
         if rows is None:
             return value
         if torch.is_tensor(value) and value.dim() >= 2 and value.shape[0] == self.batch_size:
-            return value[rows]
+            return value[rows.to(value.device)]
         if isinstance(value, tuple):
             return tuple(self._select(v, rows) for v in value)
         return value
@@ -163,5 +166,6 @@ class TailStack:
         return hidden
 
     def logits(self, hidden: torch.Tensor, seq: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """LM-head logits of final hidden states at (seq[i], pos[i]): (n, vocab)."""
-        return self.lm_head(self.final_norm(hidden[seq, pos]))
+        """LM-head logits of final hidden states at (seq[i], pos[i]): (n, vocab), on the edited layer's device."""
+        at = hidden[seq.to(hidden.device), pos.to(hidden.device)]
+        return self.lm_head(self.final_norm(at)).to(self.device)
