@@ -12,7 +12,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
+from .yaml_file import read_yaml_mapping
 
 
 class HParamsError(ValueError):
@@ -196,17 +196,7 @@ class MeGHyperParams:
         p = Path(path)
         if not p.exists() and p.suffix != ".yaml" and Path(f"{path}.yaml").exists():
             p = Path(f"{path}.yaml")
-        if not p.is_file():
-            what = "is a folder, not a file" if p.is_dir() else "does not exist"
-            raise HParamsError(f"hparams file {str(path)!r} {what}")
-        try:
-            config = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as e:
-            where = getattr(e, "problem_mark", None)
-            at = f" (line {where.line + 1}, column {where.column + 1})" if where else ""
-            raise HParamsError(f"{p} is not valid YAML{at}: {getattr(e, 'problem', None) or e}") from None
-        if not isinstance(config, dict):
-            raise HParamsError(f"{p} must be a YAML mapping of hparams keys to values")
+        config = read_yaml_mapping(p, "hparams file", HParamsError, missing_error=HParamsError)
         return cls.from_dict(config, source=str(p))
 
     def to_dict(self) -> dict:

@@ -41,9 +41,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 
 from . import report
+from .yaml_file import read_yaml_mapping
 from .data import load_requests, validate_requests
 from .evaluate import METRICS, evaluate_requests, locality_reference
 
@@ -83,11 +83,7 @@ class RunConfig:
 def load_config(path: str | Path, output: str | None = None) -> RunConfig:
     """Read and check a run config; every error names the key to fix."""
     p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"run config {str(path)!r} does not exist")
-    raw = yaml.safe_load(p.read_text())
-    if not isinstance(raw, dict):
-        raise ValueError(f"{p} must be a YAML mapping")
+    raw = read_yaml_mapping(p, "run config")
     unknown = sorted(set(raw) - CONFIG_KEYS)
     if unknown:
         raise ValueError(f"{p}: unknown key(s) {unknown}; known: {sorted(CONFIG_KEYS)}")

@@ -33,6 +33,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .data import resolve_data_path
+from .yaml_file import read_yaml_mapping
 
 DEFAULT_SOURCES = ("counterfact/counterfact-train.json", "unke/UnKEBench-dev.json")
 CONSTRUCTOR = "easyeditor.util.runningstats.SecondMoment()"
@@ -199,14 +200,8 @@ def write_stats(paths: list[Path], mom2_sum: torch.Tensor, count: int, sample_si
 
 def read_stats_hparams(path: str | Path) -> dict:
     """The keys ``megedit stats`` needs from a MEMIT/AlphaEdit hparams YAML, checked."""
-    import yaml
-
     p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"hparams file {str(path)!r} does not exist")
-    config = yaml.safe_load(p.read_text())
-    if not isinstance(config, dict):
-        raise ValueError(f"{p} must be a YAML mapping")
+    config = read_yaml_mapping(p, "hparams file")
     missing = [k for k in STATS_KEYS if k not in config]
     if missing:
         raise ValueError(f"{p} has no {missing}: covariance statistics are for MEMIT/AlphaEdit-style hparams files")

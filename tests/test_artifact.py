@@ -15,12 +15,7 @@ from conftest import tiny_model
 from tiny_meg import EDITS, LAYER, UNRELATED, states_equal, tiny_base, tiny_hparams
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")  # conftest: tiny models run fastest on one thread
 
 
 @pytest.fixture(scope="module")

@@ -10,12 +10,7 @@ from megedit.meg_main import apply_meg_to_model
 from tiny_meg import EDITS, states_equal, tiny_base, tiny_hparams, without_seconds
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")  # conftest: tiny models run fastest on one thread
 
 
 def run(folder, monkeypatch, seed: int) -> dict:

@@ -24,12 +24,7 @@ WORKER = Path(__file__).resolve().parent / "dp_worker.py"
 GEN_TOLERANCE = 1e-5  # measured: 6e-7 on the generator's parameters, 6e-8 on its samples (gradient sums reassociate)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")  # conftest: tiny models run fastest on one thread
 
 
 def free_port() -> int:

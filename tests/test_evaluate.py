@@ -25,12 +25,7 @@ PROMPTS = ["The mother tongue of Danielle Darrieux is", "Paris is the capital of
 ANSWERS = ["English", "France and Spain", "piano player of the band"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")  # conftest: tiny models run fastest on one thread
 
 
 def by_hand(model, tok, prompt, answer):

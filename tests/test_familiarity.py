@@ -12,12 +12,7 @@ from megedit.hparams import MeGHyperParams
 DIM, EDITS, CLASSES = 32, 6, 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")  # conftest: tiny models run fastest on one thread
 
 
 def hparams(**kw):

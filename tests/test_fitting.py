@@ -18,12 +18,7 @@ TARGETS = ["guitar", "Tokyo", "Rome"]
 FIT_ARCHS = ["llama", "gpt2"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")  # conftest: tiny models run fastest on one thread
 
 
 def model_for_fitting(arch: str):

@@ -12,13 +12,7 @@ E, P, C = 16, 130, 32  # memorisation task: edits, weights per neuron, condition
 SMALL = dict(dit_hidden=64, dit_depth=2, dit_heads=4, dit_patch_size=16, gen_batch_size=16, gen_lr=3e-3)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run faster on one thread, and the machine is shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")  # conftest: tiny models run fastest on one thread
 
 
 def hparams(**overrides) -> MeGHyperParams:

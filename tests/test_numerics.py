@@ -10,12 +10,7 @@ from tiny_meg import EDITS, tiny_base, tiny_hparams
 POISONED = 2  # index in EDITS of the edit whose neuron fit is made to blow up
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")  # conftest: tiny models run fastest on one thread
 
 
 def poison_one_edit(model, tok, hp):

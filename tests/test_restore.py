@@ -17,12 +17,7 @@ from tiny_meg import EDITS, LAYER, UNRELATED, tiny_base, tiny_hparams
 PROMPTS = [r["prompt"] for r in EDITS]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")  # conftest: tiny models run fastest on one thread
 
 
 def logits(model, tok, texts):

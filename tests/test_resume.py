@@ -18,12 +18,7 @@ from tiny_meg import EDITS, count_stage_calls, states_equal, tiny_base, tiny_hpa
 WORKER = Path(__file__).resolve().parent / "resume_worker.py"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")  # conftest: tiny models run fastest on one thread
 
 
 def killed_run(folder: Path, kill_at: str) -> Counter:

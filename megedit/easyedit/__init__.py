@@ -25,8 +25,8 @@ import importlib.util
 import inspect
 from pathlib import Path
 
-import yaml
 
+from ..yaml_file import read_yaml_mapping
 from .loader import load_model_named, normalise_device
 from .meg_adapter import TRAIN_ONCE_ALGS, apply_meg_easyedit, kept_requests, sequential_edits
 
@@ -175,11 +175,9 @@ def hparams_class(alg_name: str):
 def load_hparams(path: str | Path):
     """Read any algorithm's hparams YAML (the class is chosen by its ``alg_name``)."""
     p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"hparams file {str(path)!r} does not exist")
-    config = yaml.safe_load(p.read_text())
-    if not isinstance(config, dict) or "alg_name" not in config:
-        raise ValueError(f"{p} must be a YAML mapping with an 'alg_name' key")
+    config = read_yaml_mapping(p, "hparams file")
+    if "alg_name" not in config:
+        raise ValueError(f"{p} must have an 'alg_name' key")
     cls = hparams_class(config["alg_name"])
     try:
         return cls.from_hparams(str(p))
