@@ -9,6 +9,8 @@ Inside, every file is written atomically:
     stage2.json, stage2.safetensors the familiarity gate, its report and the RNG state after it
     neurons/from_000000.safetensors one file per chunk of ``fit_batch_edits`` fitted neurons
     generator.pt                    the generator's training state, every ``checkpoint_gen_epochs`` epochs and at the end
+    seconds.json                    time spent on each stage's saved work, so a run resumed over several sessions
+                                    reports what its kept work cost (work lost after the last save is not counted)
 
 With ``checkpoint_dir: null`` the checkpoint is disabled: ``has`` is always False and saving does nothing.
 Under data parallelism every rank reads the folder (it must be on a filesystem they all see) and rank 0 alone writes.
@@ -18,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from pathlib import Path
 
 import torch
@@ -64,6 +67,26 @@ class RunCheckpoint:
     def __init__(self, root: Path | None, writer: bool = True):
         self.root = root
         self.writer = writer
+        self.resumed = self.has("seconds.json")
+        self._stage: tuple[str, float, float] | None = None  # (stage, start time here, seconds saved before)
+
+    # -------------------------------------------------------------------------------------- time per stage
+    def spent(self) -> dict[str, float]:
+        return self.load_json("seconds.json") if self.has("seconds.json") else {}
+
+    def begin(self, stage: str) -> None:
+        """Start timing ``stage``; its seconds continue from what earlier processes saved for it."""
+        self._stage = (stage, time.time(), self.spent().get(stage, 0.0))
+
+    def seconds(self, stage: str) -> float:
+        name, start, before = self._stage
+        assert name == stage, f"timing {name}, asked for {stage}"
+        return before + time.time() - start
+
+    def _saved(self) -> None:
+        if self._stage is not None and self.root is not None and self.writer:
+            spent = {**self.spent(), self._stage[0]: self.seconds(self._stage[0])}
+            atomic_write(self.path("seconds.json"), lambda tmp: tmp.write_text(json.dumps(spent, indent=2)))
 
     @classmethod
     def for_run(cls, requests: list[dict], hp, base_fingerprint: dict) -> "RunCheckpoint":
@@ -89,6 +112,7 @@ class RunCheckpoint:
     def save_json(self, name: str, obj) -> None:
         if self.root is not None and self.writer:
             atomic_write(self.path(name), lambda tmp: tmp.write_text(json.dumps(obj, indent=2, default=str)))
+            self._saved()
 
     def load_json(self, name: str):
         return json.loads(self.path(name).read_text())
@@ -97,6 +121,7 @@ class RunCheckpoint:
         if self.root is not None and self.writer:
             plain = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
             atomic_write(self.path(name), lambda tmp: save_file(plain, str(tmp)))
+            self._saved()
 
     def load_tensors(self, name: str) -> dict[str, torch.Tensor]:
         return load_file(str(self.path(name)))
@@ -105,6 +130,7 @@ class RunCheckpoint:
         """Training state (optimiser, scheduler, RNG): nested dicts of tensors and numbers."""
         if self.root is not None and self.writer:
             atomic_write(self.path(name), lambda tmp: torch.save(state, tmp))
+            self._saved()
 
     def load_state(self, name: str) -> dict:
         return torch.load(self.path(name), weights_only=True)
@@ -112,6 +138,7 @@ class RunCheckpoint:
     def save_encoder(self, name: str, encoder) -> None:
         if self.root is not None and self.writer:
             atomic_dir(self.path(name), lambda tmp: encoder.save(str(tmp), create_model_card=False), replace=True)
+            self._saved()
 
     def load_encoder(self, name: str, device: str):
         from sentence_transformers import SentenceTransformer

@@ -175,16 +175,18 @@ def train_meg(model, tok, requests: list[dict], hp: MeGHyperParams, progress: bo
         report["world_size"] = distributed.world_size()
     if ckpt.root is not None:
         report["checkpoint"] = str(ckpt.root)
+    if ckpt.resumed:
+        report["resumed"] = True
     t0 = time.time()
     pool = load_pool(requests, hp)
     texts = build_texts(requests, pool, hp)
     report["seconds"]["views"] = time.time() - t0
 
-    t0 = time.time()
+    ckpt.begin("stage1_encoder")  # checkpointed stages: their seconds include earlier processes' saved work
     encoder, encoder_report = _stage1_encoder(pool, hp, device, ckpt, progress)
     if encoder_report is not None:
         report["encoder"] = encoder_report
-    report["seconds"]["stage1_encoder"] = time.time() - t0
+    report["seconds"]["stage1_encoder"] = ckpt.seconds("stage1_encoder")
 
     t0 = time.time()
     groups = {"pos": texts.positives, "neg": texts.negatives, "calib": texts.calib_familiar,
@@ -192,19 +194,19 @@ def train_meg(model, tok, requests: list[dict], hp: MeGHyperParams, progress: bo
     emb = _embed_all(encoder, groups, hp.eval_batch_size * 4)
     report["seconds"]["embed"] = time.time() - t0
 
-    t0 = time.time()
+    ckpt.begin("stage2_familiarity")
     familiarity, gate_report = _stage2_gate(emb, texts, len(requests), hp, device, ckpt, progress)
     report.update(gate_report)
     # stages 1-2 ran on every rank (cheap); rank 0's results make every rank's identical bit for bit
     distributed.broadcast_tensors([*encoder.state_dict().values(), *familiarity.state_dict().values(), *emb.values()])
-    report["seconds"]["stage2_familiarity"] = time.time() - t0
+    report["seconds"]["stage2_familiarity"] = ckpt.seconds("stage2_familiarity")
 
-    t0 = time.time()
+    ckpt.begin("stage3_neurons")
     fit = fit_neurons(model, tok, texts.views, [r["target_new"] for r in requests], hp, progress, checkpoint=ckpt)
     report["fit"] = _fit_report(fit, requests)
-    report["seconds"]["stage3_neurons"] = time.time() - t0
+    report["seconds"]["stage3_neurons"] = ckpt.seconds("stage3_neurons")
 
-    t0 = time.time()
+    ckpt.begin("stage4_generator")
     generator = NeuronGenerator(neuron_size(model), emb["pos"].shape[1], hp).to(device)
     ok = fit.ok.clone()
     keep = torch.tensor([bool(ok[e]) for e in texts.positive_edit])
@@ -212,7 +214,7 @@ def train_meg(model, tok, requests: list[dict], hp: MeGHyperParams, progress: bo
     report["generator"] = generator.train_on(emb["pos"][keep], remap[torch.tensor(texts.positive_edit)[keep]],
                                              fit.weights[ok], hp, progress, checkpoint=ckpt)
     generator.requires_grad_(False)
-    report["seconds"]["stage4_generator"] = time.time() - t0
+    report["seconds"]["stage4_generator"] = ckpt.seconds("stage4_generator")
     return MeGEdit(encoder, familiarity, generator, hp.layer, hp, base_fingerprint=fingerprint), report
 
 

@@ -43,10 +43,13 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def z_cache_notes(records: list[dict]) -> list[str]:
-    """Edit times that exclude target vectors read from the z cache must say so."""
+def time_notes(records: list[dict]) -> list[str]:
+    """Edit times that exclude cached z vectors, or add up sessions of a resumed run, must say so."""
     return [f"- {r['method']}, n={r['n']}: {r['z_reused']} of {r['n']} target vectors z were read from the z cache; "
-            "its edit time excludes computing them." for r in records if r.get("z_reused")]
+            "its edit time excludes computing them." for r in records if r.get("z_reused")] + [
+        f"- {r['method']}, n={r['n']}: resumed from its checkpoints; its edit time is the sum of every session's "
+        "stage times (work lost to an interrupt after the last save is not counted)."
+        for r in records if (r.get("meg_report") or {}).get("resumed")]
 
 
 def write_tables(output: Path, title: str, rows: list[dict], records: list[dict]) -> None:
@@ -54,7 +57,7 @@ def write_tables(output: Path, title: str, rows: list[dict], records: list[dict]
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    notes = "\n".join(z_cache_notes(records))
+    notes = "\n".join(time_notes(records))
     (output / "results.md").write_text(f"# {title}\n\n{markdown_table(rows)}\n\n{NOTE}\n" +
                                        (f"\n{notes}\n" if notes else ""))
 

@@ -246,6 +246,8 @@ def run_method(method: Method, requests: list[dict], cfg: RunConfig, log_path: P
         if not hasattr(hp, key):
             raise ValueError(f"method {method.name}: hparams have no field {key!r} to set")
         setattr(hp, key, value)
+    if hp.alg_name == "MeG" and hp.checkpoint_dir is None:
+        hp.checkpoint_dir = str(cfg.output / "checkpoints")  # like MEMIT's z cache: an interrupted run resumes
     if hp.alg_name != "MeG" and "batch_size" not in method.overrides:
         hp.batch_size = len(requests)  # one batch of all edits (MeG trains once on all anyway)
     seed_everything(cfg.seed)
@@ -268,6 +270,9 @@ def run_method(method: Method, requests: list[dict], cfg: RunConfig, log_path: P
         batch_seconds = time.time() - start
         ours = evaluate_requests(edited, editor.tok, requests, reference, progress=progress)
     editing_seconds = float(sum(dict.fromkeys(m["time"] for m in metrics)))  # one value per chunk
+    meg_report = getattr(edited, "report", None)
+    if (meg_report or {}).get("resumed"):  # this call did only part of the work: count every session's stage time
+        editing_seconds = float(sum(meg_report["seconds"].values()))
     record = {"method": method.name, "alg_name": hp.alg_name, "hparams_file": method.hparams, "n": len(requests),
               "summary": ours["summary"], "easyedit": easyedit_summary(metrics), "edit_seconds": editing_seconds,
               "batch_edit_seconds": batch_seconds, "total_seconds": time.time() - start,
@@ -275,7 +280,7 @@ def run_method(method: Method, requests: list[dict], cfg: RunConfig, log_path: P
               "peak_cuda_gb": None if memory.peak_cuda is None else memory.peak_cuda / 2**30,
               "hparams": {k: v for k, v in vars(hp).items() if isinstance(v, (str, int, float, bool, list))},
               "per_request": ours["per_request"], "case_ids": [r["case_id"] for r in requests],
-              "z_reused": z_reused[0], "meg_report": getattr(edited, "report", None)}
+              "z_reused": z_reused[0], "meg_report": meg_report}
     del editor, edited
     gc.collect()
     return record

@@ -1,5 +1,6 @@
 """Long runs survive: a run killed (SIGKILL) mid-fitting and again mid-generator-training resumes from its
 checkpoints, redoes nothing already saved, and ends exactly where an uninterrupted run ends."""
+import json
 import os
 import signal
 import subprocess
@@ -54,6 +55,8 @@ def test_killed_twice_then_resumed_equals_an_uninterrupted_run(tmp_path, monkeyp
     assert sorted(p.name for p in (run_dir / "neurons").iterdir()) == ["from_000000.safetensors",
                                                                       "from_000001.safetensors"]
     assert not (run_dir / "generator.pt").exists()
+    spent_1 = json.loads((run_dir / "seconds.json").read_text())  # what the saved work cost the killed process
+    assert set(spent_1) == {"stage1_encoder", "stage2_familiarity", "stage3_neurons"}
 
     # 2nd run: stages 1-2 and two chunks come from the checkpoint; killed in the 6th generator epoch (saved at 4)
     kill_step = 5 * steps_per_epoch + 1
@@ -67,6 +70,11 @@ def test_killed_twice_then_resumed_equals_an_uninterrupted_run(tmp_path, monkeyp
     for part in ("encoder", "familiarity", "generator"):
         assert states_equal(getattr(edit, part), getattr(reference, part)), part
     assert report.pop("checkpoint") == str(run_dir)
+    assert report.pop("resumed") is True and "resumed" not in ref_report
+    spent = json.loads((run_dir / "seconds.json").read_text())
+    assert spent["stage3_neurons"] > spent_1["stage3_neurons"]  # the 2nd process's chunks were added to the 1st's
+    for stage, seconds in spent.items():  # each stage reports every process's saved time, not this process's alone
+        assert report["seconds"][stage] >= seconds
     assert without_seconds(report) == without_seconds(ref_report)
 
     # a finished run is all in its checkpoint: running it again trains nothing
