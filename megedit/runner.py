@@ -19,8 +19,10 @@ A config (see ``examples/quick_compare.yaml``)::
 For each (method, size) a fresh editor loads the model, ``batch_edit`` applies all edits in one call (EasyEdit's own
 teacher-forced metrics come back from it), then megedit's ``evaluate_requests`` scores the edited model (TF and
 greedy AG, locality against the unedited model). Each result is written as soon as it is done and skipped on a
-re-run; MEMIT/AlphaEdit target vectors are cached per case, so an interrupted run resumes where it stopped (the table
-then says how many were read from the cache, as their time is not in the edit time).
+re-run; MEMIT/AlphaEdit target vectors are cached per case and MeG's stages are checkpointed under
+``<output>/checkpoints`` (unless its hparams set ``checkpoint_dir``), so an interrupted run resumes where it stopped (the
+table then says how many z were read from the cache, as their time is not in the edit time, or that MeG's time adds up
+the sessions).
 Outputs (megedit/report.py): ``results.json``, ``results.csv``, ``results.md`` (methods × sizes) and ``results.png``.
 """
 from __future__ import annotations
