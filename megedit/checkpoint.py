@@ -67,25 +67,23 @@ class RunCheckpoint:
     def __init__(self, root: Path | None, writer: bool = True):
         self.root = root
         self.writer = writer
-        self.resumed = self.has("seconds.json")
-        self._stage: tuple[str, float, float] | None = None  # (stage, start time here, seconds saved before)
+        self._spent = self.load_json("seconds.json") if self.has("seconds.json") else {}  # stage -> saved seconds
+        self.resumed = bool(self._spent)
+        self._stage: tuple[str, float] | None = None  # (stage being timed, its start in this process)
 
     # -------------------------------------------------------------------------------------- time per stage
-    def spent(self) -> dict[str, float]:
-        return self.load_json("seconds.json") if self.has("seconds.json") else {}
-
     def begin(self, stage: str) -> None:
         """Start timing ``stage``; its seconds continue from what earlier processes saved for it."""
-        self._stage = (stage, time.time(), self.spent().get(stage, 0.0))
+        self._stage = (stage, time.time() - self._spent.get(stage, 0.0))
 
-    def seconds(self, stage: str) -> float:
-        name, start, before = self._stage
-        assert name == stage, f"timing {name}, asked for {stage}"
-        return before + time.time() - start
+    def seconds(self) -> float:
+        """Seconds of the stage being timed, earlier processes' saved work included."""
+        return time.time() - self._stage[1]
 
     def _saved(self) -> None:
         if self._stage is not None and self.root is not None and self.writer:
-            spent = {**self.spent(), self._stage[0]: self.seconds(self._stage[0])}
+            self._spent[self._stage[0]] = self.seconds()
+            spent = dict(self._spent)
             atomic_write(self.path("seconds.json"), lambda tmp: tmp.write_text(json.dumps(spent, indent=2)))
 
     @classmethod

@@ -186,7 +186,7 @@ def train_meg(model, tok, requests: list[dict], hp: MeGHyperParams, progress: bo
     encoder, encoder_report = _stage1_encoder(pool, hp, device, ckpt, progress)
     if encoder_report is not None:
         report["encoder"] = encoder_report
-    report["seconds"]["stage1_encoder"] = ckpt.seconds("stage1_encoder")
+    report["seconds"]["stage1_encoder"] = ckpt.seconds()
 
     t0 = time.time()
     groups = {"pos": texts.positives, "neg": texts.negatives, "calib": texts.calib_familiar,
@@ -199,12 +199,12 @@ def train_meg(model, tok, requests: list[dict], hp: MeGHyperParams, progress: bo
     report.update(gate_report)
     # stages 1-2 ran on every rank (cheap); rank 0's results make every rank's identical bit for bit
     distributed.broadcast_tensors([*encoder.state_dict().values(), *familiarity.state_dict().values(), *emb.values()])
-    report["seconds"]["stage2_familiarity"] = ckpt.seconds("stage2_familiarity")
+    report["seconds"]["stage2_familiarity"] = ckpt.seconds()
 
     ckpt.begin("stage3_neurons")
     fit = fit_neurons(model, tok, texts.views, [r["target_new"] for r in requests], hp, progress, checkpoint=ckpt)
     report["fit"] = _fit_report(fit, requests)
-    report["seconds"]["stage3_neurons"] = ckpt.seconds("stage3_neurons")
+    report["seconds"]["stage3_neurons"] = ckpt.seconds()
 
     ckpt.begin("stage4_generator")
     generator = NeuronGenerator(neuron_size(model), emb["pos"].shape[1], hp).to(device)
@@ -214,7 +214,7 @@ def train_meg(model, tok, requests: list[dict], hp: MeGHyperParams, progress: bo
     report["generator"] = generator.train_on(emb["pos"][keep], remap[torch.tensor(texts.positive_edit)[keep]],
                                              fit.weights[ok], hp, progress, checkpoint=ckpt)
     generator.requires_grad_(False)
-    report["seconds"]["stage4_generator"] = ckpt.seconds("stage4_generator")
+    report["seconds"]["stage4_generator"] = ckpt.seconds()
     return MeGEdit(encoder, familiarity, generator, hp.layer, hp, base_fingerprint=fingerprint), report
 
 
