@@ -52,8 +52,9 @@ from .evaluate import METRICS, evaluate_requests, locality_reference
 CONFIG_KEYS = {"name", "model", "device", "data", "sizes", "methods", "metrics", "output", "seed", "isolate", "z_cache",
                "share_z"}
 REPORTABLE = (*METRICS, "score")
+# What EasyEdit's compute_z reads (clamp_norm_factor and the layer are in the file name); max_length is not.
 Z_SETTINGS = ("v_num_grad_steps", "v_lr", "v_loss_layer", "v_weight_decay", "kl_factor", "fact_token",
-              "layer_module_tmp", "ln_f_module", "lm_head_module", "max_length")
+              "layer_module_tmp", "ln_f_module", "lm_head_module")
 
 
 @dataclass
@@ -235,12 +236,9 @@ def _all_or_none(requests: list[dict], get, what: str):
     return None
 
 
-def run_method(method: Method, requests: list[dict], cfg: RunConfig, log_path: Path, progress: bool = True) -> dict:
-    """Edit ``requests`` with one method through BaseEditor; returns its result record."""
-    from .easyedit import load_hparams, register
-
-    register()
-    from easyeditor import BaseEditor
+def method_hparams(method: Method, cfg: RunConfig):
+    """The method's hparams with the config's model/device and the method's ``set`` applied."""
+    from .easyedit import load_hparams
 
     hp = load_hparams(method.hparams)
     for key, value in {**({"model_name": cfg.model} if cfg.model else {}),
@@ -248,6 +246,44 @@ def run_method(method: Method, requests: list[dict], cfg: RunConfig, log_path: P
         if not hasattr(hp, key):
             raise ValueError(f"method {method.name}: hparams have no field {key!r} to set")
         setattr(hp, key, value)
+    return hp
+
+
+def preflight(cfg: RunConfig, requests: list[dict]) -> None:
+    """Checks that need each method's hparams and tokenizer, done for all methods before the first one edits: a
+    problem with the last method must not surface after hours spent on the first."""
+    from transformers import AutoTokenizer
+
+    from .easyedit.compat import check_eval_lengths
+    from .loading import resolve_model_path
+
+    tokenizers = {}
+    for method in cfg.methods:
+        hp = method_hparams(method, cfg)
+        name = hp.model_name
+        if isinstance(name, str) and name not in tokenizers:
+            tokenizers[name] = AutoTokenizer.from_pretrained(resolve_model_path(name))
+        n = max(cfg.sizes)
+        try:
+            check_eval_lengths(tokenizers.get(name), getattr(hp, "max_length", None),
+                               [r["prompt"] for r in requests[:n]], [r["target_new"] for r in requests[:n]],
+                               [r.get("rephrase_prompt") for r in requests[:n]],
+                               {"neighborhood": {"prompt": [_neighbour(r).get("prompt") for r in requests[:n]],
+                                                 "ground_truth": [_neighbour(r).get("ground_truth") or ""
+                                                                  for r in requests[:n]]}},
+                               case_ids=[r["case_id"] for r in requests[:n]])
+        except ValueError as e:
+            raise ValueError(f"method {method.name} ({method.hparams}): {e}") from None
+
+
+def run_method(method: Method, requests: list[dict], cfg: RunConfig, log_path: Path, progress: bool = True) -> dict:
+    """Edit ``requests`` with one method through BaseEditor; returns its result record."""
+    from .easyedit import register
+
+    register()
+    from easyeditor import BaseEditor
+
+    hp = method_hparams(method, cfg)
     if hp.alg_name == "MeG" and hp.checkpoint_dir is None:
         hp.checkpoint_dir = str(cfg.output / "checkpoints")  # like MEMIT's z cache: an interrupted run resumes
     if hp.alg_name != "MeG" and "batch_size" not in method.overrides:
@@ -316,6 +352,7 @@ def run(cfg: RunConfig, progress: bool = True) -> list[dict]:
 
     requests = load_requests(cfg.data_format, cfg.data_path, n=max(cfg.sizes), offset=cfg.offset)
     requests = validate_requests(requests, need_subject=True)  # MEMIT-style methods locate the subject
+    preflight(cfg, requests)
     (cfg.output / "logs").mkdir(parents=True, exist_ok=True)
     records = []
     for method in cfg.methods:

@@ -240,6 +240,29 @@ def test_batch_edit_metrics(tiny):
         assert 0.0 <= m["post"]["locality"]["neighborhood_acc"][0] <= 1.0
 
 
+def test_too_long_evaluation_text_is_refused_before_editing(tiny, monkeypatch):
+    """evaluate_utils.py:80-111 cuts prompt + answer to hparams.max_length: a prompt that fills it leaves an empty answer
+    and an IndexError, after the edit. batch_edit and edit refuse such requests before any work, naming the case."""
+    _, _, hp_path = tiny
+    hp = load_hparams(hp_path)  # max_length 40
+    editor = _editor().BaseEditor.from_hparams(hp)
+    long_request = {**_request(), "rephrase_prompt": "In a very long preamble, " * 12 + _request()["rephrase_prompt"]}
+    with compat.runtime(), pytest.raises(IndexError):
+        _editor().compute_edit_quality(editor.model, editor.model_name, hp, editor.tok, long_request, hp.device)
+
+    before = {k: v.clone() for k, v in editor.model.state_dict().items()}
+    monkeypatch.setattr(editor, "apply_algo", lambda *a, **k: pytest.fail("editing started"))
+    args = _batch_args(2)
+    args["rephrase_prompts"][1] = long_request["rephrase_prompt"]
+    with pytest.raises(ValueError, match=r"1 evaluation text.*max_length=40.*at least \d+\. edit 1: rephrase prompt"):
+        editor.batch_edit(keep_original_weight=False, **args)
+    loc = {"neighborhood": {"prompt": "The Eiffel Tower is in", "ground_truth": " the city" * 40}}
+    with pytest.raises(ValueError, match="locality prompt \\(neighborhood\\)"):
+        editor.edit(_request()["prompt"], _request()["target_new"], locality_inputs=loc,
+                    subject=_request()["subject"], verbose=False)
+    assert all(torch.equal(before[k], v) for k, v in editor.model.state_dict().items())
+
+
 @pytest.mark.slow
 def test_gguf_file_loads_through_the_editor():
     """editor.py:61-89 again, for the packaged SmolLM2 GGUF file (no "gpt"/"llama" in its name): loads via megedit."""

@@ -89,6 +89,15 @@ def test_config_errors_name_the_key(tmp_path):
         runner.load_config(path)
 
 
+def test_every_method_is_checked_before_the_first_edits(config, monkeypatch):
+    """A request too long for the last method's max_length stops the run before the first method starts."""
+    cfg = runner.load_config(config)
+    cfg.methods[2].overrides["max_length"] = 8
+    monkeypatch.setattr(runner, "run_method", lambda *a, **k: pytest.fail("a method ran"))
+    with pytest.raises(ValueError, match=r"AlphaEdit \(L2=5\).*max_length=8.*at least 12\. case 12: rephrase prompt"):
+        runner.run(cfg, progress=False)
+
+
 def test_isolated_run_matches_the_in_process_one(config, tmp_path):
     """isolate: true runs each method in a fresh process; with the same seed it edits exactly as in-process."""
     cfg = runner.load_config(config)

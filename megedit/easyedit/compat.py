@@ -15,6 +15,7 @@ Each fix names the file:line of the wheel it answers (paths inside the installed
 from __future__ import annotations
 
 import functools
+import inspect
 import importlib
 import importlib.abc
 import importlib.machinery
@@ -387,6 +388,20 @@ def _single_edits(original):
     return call
 
 
+def _edit(original):
+    """``edit``: ``_single_edits``, after the up-front length check that ``batch_edit`` does too."""
+    inner, signature = _single_edits(original), inspect.signature(original)
+
+    @functools.wraps(original)
+    def edit(self, *args, **kwargs):
+        given = signature.bind_partial(self, *args, **kwargs).arguments
+        check_eval_lengths(self.tok, getattr(self.hparams, "max_length", None), given.get("prompts"),
+                           given.get("target_new"), given.get("rephrase_prompts"), given.get("locality_inputs"))
+        return inner(self, *args, **kwargs)
+
+    return edit
+
+
 def _in_runtime(original):
     @functools.wraps(original)
     def call(self, *args, **kwargs):
@@ -457,6 +472,8 @@ def _batch_edit(original):
         if n == 0 or len(target_new) != n:
             raise ValueError(f"batch_edit needs as many target_new ({len(target_new)}) as prompts ({n}), at least one")
         locality = locality_inputs(locality_prompts, locality_ground_truth, n)
+        check_eval_lengths(self.tok, getattr(self.hparams, "max_length", None), prompts, target_new,
+                           rephrase_prompts, locality)
         size = n if self.alg_name in TRAIN_ONCE_ALGS else max(1, int(self.hparams.batch_size))
         evaluate = _module("easyeditor.editors.editor").compute_edit_quality
         all_metrics, edited_model, weights_copy = [], self.model, {}
@@ -492,6 +509,31 @@ def _batch_edit(original):
     return batch_edit
 
 
+def check_eval_lengths(tok, max_length: int, prompts, target_new, rephrase_prompts=None, locality=None,
+                       case_ids=None) -> None:
+    """EasyEdit's teacher-forced metrics (evaluate_utils.test_prediction_acc) tokenize ``prompt + ' ' + answer`` with
+    ``truncation=True, max_length=hparams.max_length``: a longer pair is scored on a cut-off answer, and a prompt
+    that fills ``max_length`` on its own leaves no answer and stops the whole call with an IndexError, after the
+    editing work is done. Refuse such requests up front."""
+    if not max_length or tok is None:
+        return
+    as_list = (lambda v: [v] if isinstance(v, str) else list(v or []))
+    targets = as_list(target_new)
+    pairs = [("prompt", i, p, targets[i]) for i, p in enumerate(as_list(prompts))]
+    pairs += [("rephrase prompt", i, p, targets[i]) for i, p in enumerate(as_list(rephrase_prompts)) if p]
+    for key, item in (locality or {}).items():
+        pairs += [(f"locality prompt ({key})", i, p, a if isinstance(a, str) else str(a))
+                  for i, (p, a) in enumerate(zip(as_list(item["prompt"]), as_list(item["ground_truth"]))) if p]
+    lengths = [len(ids) for ids in tok([f"{p} {a}" for _, _, p, a in pairs])["input_ids"]] if pairs else []
+    too_long = [(n, what, i, prompt) for n, (what, i, prompt, _) in zip(lengths, pairs) if n > max_length]
+    if too_long:
+        where = "; ".join(f"{f'case {case_ids[i]}' if case_ids is not None else f'edit {i}'}: {what} + answer is "
+                          f"{n} tokens ({prompt[:60]!r})" for n, what, i, prompt in too_long[:5])
+        raise ValueError(f"{len(too_long)} evaluation text(s) are longer than hparams.max_length={max_length}, which "
+                         "EasyEdit's evaluation truncates them to (a prompt that fills it stops the run with an "
+                         f"IndexError): set max_length to at least {max(lengths)}. {where}")
+
+
 def _part(values, sl: slice):
     if values is None:
         return None
@@ -500,7 +542,7 @@ def _part(values, sl: slice):
 
 def wrap_editor(editor_cls) -> None:
     """Give the wheel's BaseEditor its fixed entry points (once; the originals stay reachable as ``__wrapped__``)."""
-    wrappers = {"__init__": _init, "edit": _single_edits, "edit_requests": _single_edits, "batch_edit": _batch_edit,
+    wrappers = {"__init__": _init, "edit": _edit, "edit_requests": _single_edits, "batch_edit": _batch_edit,
                 "edit_dataset": _in_runtime}
     for name, wrap in wrappers.items():
         method = editor_cls.__dict__.get(name)
