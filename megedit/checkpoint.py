@@ -30,8 +30,18 @@ from .atomic import atomic_dir, atomic_write
 
 log = logging.getLogger(__name__)
 
-# where and how often to save, and where the weights sit, do not change the result (and leave older run keys valid)
-NOT_IN_KEY = ("checkpoint_dir", "checkpoint_gen_epochs", "device_map")
+# where and how often to save, where the weights sit, and what only EasyEdit's own code reads (its chunk size, its
+# evaluation's cut-off) do not change the result
+NOT_IN_KEY = ("checkpoint_dir", "checkpoint_gen_epochs", "device_map", "batch_size", "max_length")
+
+
+def _what_training_reads(request: dict) -> dict:
+    """The request fields training reads; the rest (case_id, portability answers, ...) depends on who built the dict:
+    ``megedit run`` hands EasyEdit-built requests, ``megedit edit`` its own, and both must find the same checkpoint."""
+    from .augment import evaluation_texts
+
+    return {"prompt": request["prompt"], "target_new": request["target_new"], "subject": request.get("subject"),
+            "ground_truth": request.get("ground_truth"), "never_train_on": sorted(evaluation_texts(request))}
 
 
 def run_key(requests: list[dict], hp, base_fingerprint: dict) -> tuple[str, dict]:
@@ -43,7 +53,8 @@ def run_key(requests: list[dict], hp, base_fingerprint: dict) -> tuple[str, dict
     if hp.pseudo_edit_data:
         pool = hashlib.sha256(resolve_data_path(hp.pseudo_edit_data).read_bytes()).hexdigest()
     described = {"megedit_version": __version__, "base_model": base_fingerprint, "pseudo_edit_data_sha256": pool,
-                 "hparams": {k: v for k, v in hp.to_dict().items() if k not in NOT_IN_KEY}, "requests": requests}
+                 "hparams": {k: v for k, v in hp.to_dict().items() if k not in NOT_IN_KEY},
+                 "requests": [_what_training_reads(r) for r in requests]}
     text = json.dumps(described, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16], described
 

@@ -92,3 +92,20 @@ def test_another_run_never_reuses_these_checkpoints(tmp_path, monkeypatch):
     assert len(list((tmp_path / "checkpoints").iterdir())) == 2
     _, _, resaved = in_process_run(tmp_path, monkeypatch, hp.replace(checkpoint_gen_epochs=3))  # saving cadence only
     assert resaved == {}
+
+
+def test_run_key_reads_what_training_reads():
+    """The key follows what training reads: EasyEdit-built and megedit-built dicts of the same edits share it; a
+    changed target, an evaluation prompt training must avoid, or a training hparam gives another."""
+    from megedit.checkpoint import run_key
+    from megedit.hparams import MeGHyperParams
+
+    hp, base = MeGHyperParams(model_name="tiny", layer=1), {"model": "tiny"}
+    ours = [{**r, "case_id": 10 + i} for i, r in enumerate(EDITS)]
+    easyedit = [{k: v for k, v in r.items() if k != "case_id"} | {"portability": {}} for r in EDITS]
+    key = run_key(ours, hp, base)[0]
+    assert run_key(easyedit, hp, base)[0] == key
+    assert run_key(ours, hp.replace(batch_size=64, max_length=512), base)[0] == key  # EasyEdit-only settings
+    assert run_key(ours, hp.replace(fit_steps=hp.fit_steps + 1), base)[0] != key
+    assert run_key([{**ours[0], "target_new": "Oslo"}, *ours[1:]], hp, base)[0] != key
+    assert run_key([{**ours[0], "rephrase_prompt": "Where is it?"}, *ours[1:]], hp, base)[0] != key
