@@ -1,16 +1,21 @@
 """Checkpoints of one training run, so that an interrupted run resumes where it stopped.
 
-A run's folder is ``<checkpoint_dir>/<run key>``; the key hashes everything that determines the result (the requests,
-the hparams, the pseudo-edit file, the base model's fingerprint, megedit's version), so a resume never mixes two runs.
+A run's folder is ``<checkpoint_dir>/<run key>``; the key hashes what every stage reads (the requests, the shared
+hparams, the pseudo-edit file, the base model's fingerprint, megedit's version). Each stage keeps its work in a
+subfolder ``<stage>-<stage key>`` whose key adds that stage's own hparams (``encoder_*``, ``familiarity_*``,
+``fit_*``, ``generator``/``dit_*``/``gen_*``) to the keys of the stages it reads: a run that changes only the
+generator's settings reuses the tuned encoder, the gate and the fitted neurons, and never mixes in another run's work.
 Inside, every file is written atomically:
 
-    run.json                        what the key was computed from, for people
-    stage1.json, stage1_encoder/    the tuned encoder, its report and the RNG state after it
-    stage2.json, stage2.safetensors the familiarity gate, its report and the RNG state after it
-    neurons/from_000000.safetensors one file per chunk of ``fit_batch_edits`` fitted neurons
-    generator.pt                    the generator's training state, every ``checkpoint_gen_epochs`` epochs and at the end
-    seconds.json                    time spent on each stage's saved work, so a run resumed over several sessions
-                                    reports what its kept work cost (work lost after the last save is not counted)
+    run.json                                    what the run key was computed from, for people
+    seconds.json                                time spent on each stage folder's saved work, so a run resumed over
+                                                several sessions reports what its kept work cost
+    stage1_encoder-<key>/stage1.json, stage1_encoder/, stage1_rng.safetensors   the tuned encoder, report, RNG after it
+    stage2_familiarity-<key>/stage2.json, stage2.safetensors                    the familiarity gate and its report
+    stage3_neurons-<key>/neurons/from_000000.safetensors                        one file per ``fit_batch_edits`` fits
+    stage4_generator-<key>/generator.pt         the generator's training state, every ``checkpoint_gen_epochs``
+                                                epochs and at the end
+    <stage>-<key>/hparams.json                  the stage's own hparams, for people
 
 With ``checkpoint_dir: null`` the checkpoint is disabled: ``has`` is always False and saving does nothing.
 Under data parallelism every rank reads the folder (it must be on a filesystem they all see) and rank 0 alone writes.
@@ -30,9 +35,20 @@ from .atomic import atomic_dir, atomic_write
 
 log = logging.getLogger(__name__)
 
-# where and how often to save, where the weights sit, and what only EasyEdit's own code reads (its chunk size, its
-# evaluation's cut-off) do not change the result
-NOT_IN_KEY = ("checkpoint_dir", "checkpoint_gen_epochs", "device_map", "batch_size", "max_length")
+# where and how often to save, where the weights sit, how the generator samples once trained, and what only
+# EasyEdit's own code reads (its chunk size, its evaluation's cut-off) do not change what is saved
+NOT_IN_KEY = ("checkpoint_dir", "checkpoint_gen_epochs", "device_map", "batch_size", "max_length", "gen_scheduler",
+              "gen_sample_steps")
+# each stage's own hparams (by name prefix), and the stages whose saved work it reads. Stage 3 reads neither the
+# encoder nor the gate, nor any RNG state they leave (its start is seeded): the gate's settings do not refit neurons.
+STAGES = {"stage1_encoder": (("encoder_",), ()),
+          "stage2_familiarity": (("familiarity_",), ("stage1_encoder",)),
+          "stage3_neurons": (("fit_",), ()),
+          "stage4_generator": (("generator", "dit_", "gen_"), ("stage1_encoder", "stage3_neurons"))}
+
+
+def _hash(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def _what_training_reads(request: dict) -> dict:
@@ -44,19 +60,26 @@ def _what_training_reads(request: dict) -> dict:
             "ground_truth": request.get("ground_truth"), "never_train_on": sorted(evaluation_texts(request))}
 
 
-def run_key(requests: list[dict], hp, base_fingerprint: dict) -> tuple[str, dict]:
-    """A short hash of what determines the run, and the description it hashes."""
+def run_keys(requests: list[dict], hp, base_fingerprint: dict) -> tuple[str, dict[str, str], dict]:
+    """The run key, each stage's key, and the description they hash."""
     from . import __version__
     from .data import resolve_data_path
 
     pool = None
     if hp.pseudo_edit_data:
         pool = hashlib.sha256(resolve_data_path(hp.pseudo_edit_data).read_bytes()).hexdigest()
+    shared = {k: v for k, v in hp.to_dict().items() if k not in NOT_IN_KEY}
+    own = {stage: {k: shared[k] for k in shared if k.startswith(prefixes)} for stage, (prefixes, _) in STAGES.items()}
+    for params in own.values():
+        for k in params:
+            del shared[k]
     described = {"megedit_version": __version__, "base_model": base_fingerprint, "pseudo_edit_data_sha256": pool,
-                 "hparams": {k: v for k, v in hp.to_dict().items() if k not in NOT_IN_KEY},
-                 "requests": [_what_training_reads(r) for r in requests]}
-    text = json.dumps(described, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16], described
+                 "hparams": shared, "requests": [_what_training_reads(r) for r in requests]}
+    run = _hash(described)
+    stages: dict[str, str] = {}
+    for stage, (_, reads) in STAGES.items():
+        stages[stage] = _hash([run, [stages[r] for r in reads], own[stage]])
+    return run, stages, {**described, "stage_hparams": own}
 
 
 def rng_state() -> dict[str, torch.Tensor]:
@@ -73,19 +96,28 @@ def set_rng_state(state: dict[str, torch.Tensor]) -> None:
 
 
 class RunCheckpoint:
-    """The checkpoint folder of one run (``root`` None: disabled; ``writer`` False: read-only, as on ranks > 0)."""
+    """The checkpoint folder of one run (``root`` None: disabled; ``writer`` False: read-only, as on ranks > 0).
 
-    def __init__(self, root: Path | None, writer: bool = True):
+    ``begin(stage)`` opens a stage: until the next ``begin``, file names are inside that stage's folder.
+    """
+
+    def __init__(self, root: Path | None, stage_keys: dict[str, str] | None = None, writer: bool = True,
+                 stage_hparams: dict[str, dict] | None = None):
         self.root = root
         self.writer = writer
-        self._spent = self.load_json("seconds.json") if self.has("seconds.json") else {}  # stage -> saved seconds
-        self.resumed = bool(self._spent)
+        self.folders = {stage: f"{stage}-{key}" for stage, key in (stage_keys or {}).items()}
+        self._stage_hparams = stage_hparams or {}
+        seconds = None if root is None else root / "seconds.json"
+        self._spent = json.loads(seconds.read_text()) if seconds and seconds.exists() else {}  # folder -> seconds
+        self.resumed = any(folder in self._spent for folder in self.folders.values())
         self._stage: tuple[str, float] | None = None  # (stage being timed, its start in this process)
 
     # -------------------------------------------------------------------------------------- time per stage
     def begin(self, stage: str) -> None:
-        """Start timing ``stage``; its seconds continue from what earlier processes saved for it."""
-        self._stage = (stage, time.time() - self._spent.get(stage, 0.0))
+        """Open ``stage``; its seconds continue from what earlier processes saved for its folder."""
+        if self.root is not None and stage not in self.folders:
+            raise ValueError(f"unknown stage {stage!r}; known: {sorted(self.folders)}")
+        self._stage = (stage, time.time() - self._spent.get(self.folders.get(stage), 0.0))
 
     def seconds(self) -> float:
         """Seconds of the stage being timed, earlier processes' saved work included."""
@@ -93,9 +125,9 @@ class RunCheckpoint:
 
     def _saved(self) -> None:
         if self._stage is not None and self.root is not None and self.writer:
-            self._spent[self._stage[0]] = self.seconds()
+            self._spent[self.folders[self._stage[0]]] = self.seconds()
             spent = dict(self._spent)
-            atomic_write(self.path("seconds.json"), lambda tmp: tmp.write_text(json.dumps(spent, indent=2)))
+            atomic_write(self.root / "seconds.json", lambda tmp: tmp.write_text(json.dumps(spent, indent=2)))
 
     @classmethod
     def for_run(cls, requests: list[dict], hp, base_fingerprint: dict) -> "RunCheckpoint":
@@ -103,23 +135,38 @@ class RunCheckpoint:
 
         if hp.checkpoint_dir is None:
             return cls(None)
-        key, described = run_key(requests, hp, base_fingerprint)
-        ckpt = cls(Path(hp.checkpoint_dir).expanduser() / key, writer=is_main())
-        if ckpt.has("run.json"):
-            if ckpt.writer:  # ranks > 0 may see the run.json rank 0 has just written
+        run, stages, described = run_keys(requests, hp, base_fingerprint)
+        ckpt = cls(Path(hp.checkpoint_dir).expanduser() / run, stages, writer=is_main(),
+                   stage_hparams=described.pop("stage_hparams"))
+        if (ckpt.root / "run.json").exists():
+            if ckpt.writer and ckpt.resumed:  # ranks > 0 may see the run.json rank 0 has just written
                 log.warning("resuming from checkpoint %s", ckpt.root)
-        else:
-            ckpt.save_json("run.json", described)
+        elif ckpt.writer:
+            atomic_write(ckpt.root / "run.json", lambda tmp: tmp.write_text(json.dumps(described, indent=2,
+                                                                                        default=str)))
         return ckpt
 
     def path(self, name: str) -> Path:
-        return self.root / name
+        """``name`` inside the open stage's folder."""
+        if self._stage is None:
+            raise RuntimeError("no stage is open: call begin(stage) first")
+        return self.root / self.folders[self._stage[0]] / name
+
+    def _writing(self) -> bool:
+        """Whether saving writes; the first save in a stage's folder also records that stage's hparams there."""
+        if self.root is None or not self.writer:
+            return False
+        described = self.path("hparams.json")
+        if not described.exists():
+            own = self._stage_hparams.get(self._stage[0], {})
+            atomic_write(described, lambda tmp: tmp.write_text(json.dumps(own, indent=2, default=str)))
+        return True
 
     def has(self, name: str) -> bool:
         return self.root is not None and self.path(name).exists()
 
     def save_json(self, name: str, obj) -> None:
-        if self.root is not None and self.writer:
+        if self._writing():
             atomic_write(self.path(name), lambda tmp: tmp.write_text(json.dumps(obj, indent=2, default=str)))
             self._saved()
 
@@ -127,7 +174,7 @@ class RunCheckpoint:
         return json.loads(self.path(name).read_text())
 
     def save_tensors(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
-        if self.root is not None and self.writer:
+        if self._writing():
             plain = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
             atomic_write(self.path(name), lambda tmp: save_file(plain, str(tmp)))
             self._saved()
@@ -137,7 +184,7 @@ class RunCheckpoint:
 
     def save_state(self, name: str, state: dict) -> None:
         """Training state (optimiser, scheduler, RNG): nested dicts of tensors and numbers."""
-        if self.root is not None and self.writer:
+        if self._writing():
             atomic_write(self.path(name), lambda tmp: torch.save(state, tmp))
             self._saved()
 
@@ -145,7 +192,7 @@ class RunCheckpoint:
         return torch.load(self.path(name), weights_only=True)
 
     def save_encoder(self, name: str, encoder) -> None:
-        if self.root is not None and self.writer:
+        if self._writing():
             atomic_dir(self.path(name), lambda tmp: encoder.save(str(tmp), create_model_card=False), replace=True)
             self._saved()
 

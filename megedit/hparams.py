@@ -128,7 +128,8 @@ class MeGHyperParams:
     eval_batch_size: int = 32
 
     # long runs: save each stage's output, each chunk of fitted neurons and the generator's training state under
-    # checkpoint_dir/<run key> (a hash of requests + hparams + base model), and resume from there after an interrupt
+    # checkpoint_dir/<run key>/<stage>-<stage key> (hashes of requests, shared and per-stage hparams, base model), and
+    # resume from there after an interrupt; a stage whose own and upstream settings are unchanged is reused
     checkpoint_dir: str | None = None  # None: no checkpoints
     checkpoint_gen_epochs: int = 10  # save the generator's training state every this many epochs
 

@@ -18,7 +18,7 @@ from dp_worker import dp_hparams, run
 from megedit import distributed
 from megedit.cli import main as megedit_main
 from test_cli import edits_file, tiny_model_dir, tiny_yaml
-from tiny_meg import EDITS, pool_file
+from tiny_meg import EDITS, pool_file, stage_dir
 
 WORKER = Path(__file__).resolve().parent / "dp_worker.py"
 GEN_TOLERANCE = 1e-5  # measured: 6e-7 on the generator's parameters, 6e-8 on its samples (gradient sums reassociate)
@@ -83,7 +83,7 @@ def test_two_processes_equal_one(tmp_path):
 
     # rank 0 wrote complete checkpoints: one process resumes from them and trains nothing more
     (run_dir,) = (tmp_path / "checkpoints").iterdir()
-    assert len(list((run_dir / "neurons").iterdir())) == len(EDITS) and not list(run_dir.rglob(".*tmp-*"))
+    assert len(list((stage_dir(run_dir, "stage3_neurons") / "neurons").iterdir())) == len(EDITS) and not list(run_dir.rglob(".*tmp-*"))
     resumed = run(tmp_path, dp_hparams(tmp_path, checkpoint_dir=str(tmp_path / "checkpoints")))
     assert resumed["fitted_prompts"] == [] and resumed["gen_rows"] == []
     assert max_diff(resumed["generator"], ranks[0]["generator"]) == 0

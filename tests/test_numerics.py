@@ -5,7 +5,7 @@ import torch
 
 from megedit.meg_main import build_texts, load_pool, train_meg
 
-from tiny_meg import EDITS, tiny_base, tiny_hparams
+from tiny_meg import EDITS, stage_dir, tiny_base, tiny_hparams
 
 POISONED = 2  # index in EDITS of the edit whose neuron fit is made to blow up
 
@@ -52,7 +52,8 @@ def test_a_diverging_generator_stops_before_any_checkpoint(tmp_path):
         train_meg(model, tok, EDITS, hp, progress=False)
     diverged = int(str(e.value).split("epoch ")[1].split("/")[0])
     (run_dir,) = (tmp_path / "ck").iterdir()
-    assert (run_dir / "neurons").exists() and (run_dir / "generator.pt").exists() == (diverged > 1)
+    saved_generator = stage_dir(run_dir, "stage4_generator") / "generator.pt"
+    assert (stage_dir(run_dir, "stage3_neurons") / "neurons").exists() and saved_generator.exists() == (diverged > 1)
     if diverged > 1:  # the last checkpoint is the last finite epoch
-        saved = torch.load(run_dir / "generator.pt", weights_only=True)
+        saved = torch.load(saved_generator, weights_only=True)
         assert saved["epoch"] == diverged - 1 and all(torch.isfinite(t).all() for t in saved["net"].values())

@@ -14,7 +14,8 @@ import torch
 from megedit.meg_main import train_meg
 
 from resume_worker import resume_hparams
-from tiny_meg import EDITS, count_stage_calls, states_equal, tiny_base, tiny_hparams, without_seconds
+from tiny_meg import (EDITS, by_stage, count_stage_calls, stage_dir, states_equal, tiny_base, tiny_hparams,
+                      without_seconds)
 
 WORKER = Path(__file__).resolve().parent / "resume_worker.py"
 
@@ -52,17 +53,17 @@ def test_killed_twice_then_resumed_equals_an_uninterrupted_run(tmp_path, monkeyp
     events = killed_run(tmp_path, "fit:3")
     assert events == {"encoder": 1, "familiarity": 1, "fit": 3}
     (run_dir,) = (tmp_path / "checkpoints").iterdir()  # one folder per run
-    assert sorted(p.name for p in (run_dir / "neurons").iterdir()) == ["from_000000.safetensors",
-                                                                      "from_000001.safetensors"]
-    assert not (run_dir / "generator.pt").exists()
-    spent_1 = json.loads((run_dir / "seconds.json").read_text())  # what the saved work cost the killed process
+    neurons = stage_dir(run_dir, "stage3_neurons") / "neurons"
+    assert sorted(p.name for p in neurons.iterdir()) == ["from_000000.safetensors", "from_000001.safetensors"]
+    assert not (stage_dir(run_dir, "stage4_generator") / "generator.pt").exists()
+    spent_1 = by_stage(json.loads((run_dir / "seconds.json").read_text()))  # what the killed process's saved work cost
     assert set(spent_1) == {"stage1_encoder", "stage2_familiarity", "stage3_neurons"}
 
     # 2nd run: stages 1-2 and two chunks come from the checkpoint; killed in the 6th generator epoch (saved at 4)
     kill_step = 5 * steps_per_epoch + 1
     events = killed_run(tmp_path, f"gen:{kill_step}")
     assert events == {"fit": chunks - 2, "gen": kill_step}  # no encoder, no familiarity, no chunk fitted twice
-    assert torch.load(run_dir / "generator.pt", weights_only=True)["epoch"] == 4
+    assert torch.load(stage_dir(run_dir, "stage4_generator") / "generator.pt", weights_only=True)["epoch"] == 4
 
     # 3rd run, finishes: only the generator's epochs 5.. are trained
     edit, report, events = in_process_run(tmp_path, monkeypatch, hp)
@@ -71,7 +72,7 @@ def test_killed_twice_then_resumed_equals_an_uninterrupted_run(tmp_path, monkeyp
         assert states_equal(getattr(edit, part), getattr(reference, part)), part
     assert report.pop("checkpoint") == str(run_dir)
     assert report.pop("resumed") is True and "resumed" not in ref_report
-    spent = json.loads((run_dir / "seconds.json").read_text())
+    spent = by_stage(json.loads((run_dir / "seconds.json").read_text()))
     assert spent["stage3_neurons"] > spent_1["stage3_neurons"]  # the 2nd process's chunks were added to the 1st's
     for stage, seconds in spent.items():  # each stage reports every process's saved time, not this process's alone
         assert report["seconds"][stage] >= seconds
@@ -95,17 +96,45 @@ def test_another_run_never_reuses_these_checkpoints(tmp_path, monkeypatch):
 
 
 def test_run_key_reads_what_training_reads():
-    """The key follows what training reads: EasyEdit-built and megedit-built dicts of the same edits share it; a
-    changed target, an evaluation prompt training must avoid, or a training hparam gives another."""
-    from megedit.checkpoint import run_key
+    """The keys follow what training reads: EasyEdit-built and megedit-built dicts of the same edits share them; a
+    changed target, an evaluation prompt training must avoid, or a shared hparam gives another run key; a stage's own
+    hparams change that stage's key and the keys of the stages that read its work, and no other."""
+    from megedit.checkpoint import run_keys
     from megedit.hparams import MeGHyperParams
 
     hp, base = MeGHyperParams(model_name="tiny", layer=1), {"model": "tiny"}
     ours = [{**r, "case_id": 10 + i} for i, r in enumerate(EDITS)]
     easyedit = [{k: v for k, v in r.items() if k != "case_id"} | {"portability": {}} for r in EDITS]
-    key = run_key(ours, hp, base)[0]
-    assert run_key(easyedit, hp, base)[0] == key
-    assert run_key(ours, hp.replace(batch_size=64, max_length=512), base)[0] == key  # EasyEdit-only settings
-    assert run_key(ours, hp.replace(fit_steps=hp.fit_steps + 1), base)[0] != key
-    assert run_key([{**ours[0], "target_new": "Oslo"}, *ours[1:]], hp, base)[0] != key
-    assert run_key([{**ours[0], "rephrase_prompt": "Where is it?"}, *ours[1:]], hp, base)[0] != key
+    run, stages, _ = run_keys(ours, hp, base)
+    assert run_keys(easyedit, hp, base)[:2] == (run, stages)
+    sampling_only = hp.replace(batch_size=64, max_length=512, gen_sample_steps=10, gen_scheduler="ddpm")
+    assert run_keys(ours, sampling_only, base)[:2] == (run, stages)
+    for changed in (hp.replace(layer=2), hp.replace(n_paraphrase_views=hp.n_paraphrase_views + 1)):
+        assert run_keys(ours, changed, base)[0] != run
+    assert run_keys([{**ours[0], "target_new": "Oslo"}, *ours[1:]], hp, base)[0] != run
+    assert run_keys([{**ours[0], "rephrase_prompt": "Where is it?"}, *ours[1:]], hp, base)[0] != run
+
+    def changed_stages(**change):
+        other_run, other = run_keys(ours, hp.replace(**change), base)[:2]
+        assert other_run == run
+        return {s for s in stages if other[s] != stages[s]}
+
+    assert changed_stages(encoder_lr=1e-4) == {"stage1_encoder", "stage2_familiarity", "stage4_generator"}
+    assert changed_stages(familiarity_epochs=7) == {"stage2_familiarity"}
+    assert changed_stages(fit_steps=hp.fit_steps + 1) == {"stage3_neurons", "stage4_generator"}
+    assert changed_stages(gen_epochs=7) == changed_stages(dit_depth=5) == {"stage4_generator"}
+
+
+def test_new_generator_settings_reuse_the_earlier_stages(tmp_path, monkeypatch):
+    """A run that changes only the generator's settings trains the generator alone, and ends where a run with those
+    settings from scratch ends."""
+    hp = resume_hparams(tmp_path)
+    in_process_run(tmp_path, monkeypatch, hp)
+    more = hp.replace(gen_epochs=hp.gen_epochs + 2)
+    edit, report, events = in_process_run(tmp_path, monkeypatch, more)
+    assert set(events) == {"gen"} and report["resumed"] is True
+    fresh, _, _ = in_process_run(tmp_path / "fresh", monkeypatch, more.replace(checkpoint_dir=None))
+    for part in ("encoder", "familiarity", "generator"):
+        assert states_equal(getattr(edit, part), getattr(fresh, part)), part
+    (run_dir,) = (tmp_path / "checkpoints").iterdir()
+    assert len(list(run_dir.glob("stage4_generator-*"))) == 2 and len(list(run_dir.glob("stage3_neurons-*"))) == 1

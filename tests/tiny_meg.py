@@ -91,3 +91,15 @@ def without_seconds(report):
     if isinstance(report, dict):
         return {k: without_seconds(v) for k, v in report.items() if k != "seconds"}
     return report
+
+
+def stage_dir(run_dir: Path, stage: str) -> Path:
+    """The folder of ``stage``'s saved work inside a run's checkpoint (``<stage>-<key>``); the path even if unsaved."""
+    found = sorted(run_dir.glob(f"{stage}-*"))
+    assert len(found) <= 1, found
+    return found[0] if found else run_dir / f"{stage}-unsaved"
+
+
+def by_stage(spent: dict) -> dict:
+    """seconds.json's ``{<stage>-<key>: seconds}`` as ``{stage: seconds}`` (one key per stage)."""
+    return {folder.rsplit("-", 1)[0]: seconds for folder, seconds in spent.items()}
