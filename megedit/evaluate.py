@@ -42,19 +42,26 @@ def teacher_forced(model, tok, prompts: list[str], answers: list[str], batch_siz
 
 @torch.no_grad()
 def greedy(model, tok, prompts: list[str], n_tokens: list[int], batch_size: int = 32) -> list[list[int]]:
-    """Greedy continuation of each prompt, ``n_tokens[i]`` tokens long (batched with left padding)."""
-    out = []
+    """Greedy continuation of each prompt, ``n_tokens[i]`` tokens long (batched with left padding).
+
+    A batch generates as many tokens as its longest answer needs: prompts are batched in order of answer length, so one
+    long answer (zsRE's locality answers reach 126 tokens) does not make 31 short ones generate that long.
+    """
+    out: list[list[int] | None] = [None] * len(prompts)
+    order = sorted(range(len(prompts)), key=lambda i: (n_tokens[i], len(prompts[i])))
     device = next(model.parameters()).device
     side = tok.padding_side
     tok.padding_side = "left"
     try:
-        for sl in _batches(len(prompts), batch_size):
-            enc = tok(prompts[sl], return_tensors="pt", padding=True).to(device)
-            n = max(n_tokens[sl])
+        for sl in _batches(len(order), batch_size):
+            rows = order[sl]
+            enc = tok([prompts[i] for i in rows], return_tensors="pt", padding=True).to(device)
+            n = max(n_tokens[i] for i in rows)
             gen = model.generate(**enc, max_new_tokens=n, min_new_tokens=n, do_sample=False, num_beams=1,
                                  pad_token_id=tok.pad_token_id)
             new = gen[:, enc["input_ids"].shape[1]:].cpu()
-            out += [new[i, :k].tolist() for i, k in zip(range(len(new)), n_tokens[sl])]
+            for j, i in enumerate(rows):
+                out[i] = new[j, :n_tokens[i]].tolist()
     finally:
         tok.padding_side = side
     return out
