@@ -249,29 +249,39 @@ def method_hparams(method: Method, cfg: RunConfig):
     return hp
 
 
+def batch_edit_inputs(requests: list[dict]) -> dict:
+    """The arguments ``BaseEditor.batch_edit`` gets for ``requests``."""
+    return dict(
+        prompts=[r["prompt"] for r in requests], target_new=[r["target_new"] for r in requests],
+        ground_truth=[r.get("ground_truth") or "<|endoftext|>" for r in requests],
+        rephrase_prompts=_all_or_none(requests, lambda r: r.get("rephrase_prompt"), "rephrase_prompt"),
+        locality_prompts=_all_or_none(requests, lambda r: _neighbour(r).get("prompt"), "locality prompt"),
+        locality_ground_truth=_all_or_none(requests, lambda r: _neighbour(r).get("ground_truth"), "locality answer"),
+        subject=[r["subject"] for r in requests])
+
+
 def preflight(cfg: RunConfig, requests: list[dict]) -> None:
     """Checks that need each method's hparams and tokenizer, done for all methods before the first one edits: a
     problem with the last method must not surface after hours spent on the first."""
     from transformers import AutoTokenizer
 
-    from .easyedit.compat import check_eval_lengths
+    from .easyedit.compat import check_eval_lengths, locality_inputs
     from .loading import resolve_model_path
 
-    tokenizers = {}
+    inputs = batch_edit_inputs(requests)
+    locality = locality_inputs(inputs["locality_prompts"], inputs["locality_ground_truth"], len(requests))
+    tokenizers, checked = {}, set()
     for method in cfg.methods:
         hp = method_hparams(method, cfg)
-        name = hp.model_name
-        if isinstance(name, str) and name not in tokenizers:
+        name, max_length = hp.model_name, getattr(hp, "max_length", None)
+        if not isinstance(name, str) or (name, max_length) in checked:  # same tokenizer and limit: same answer
+            continue
+        checked.add((name, max_length))
+        if name not in tokenizers:
             tokenizers[name] = AutoTokenizer.from_pretrained(resolve_model_path(name))
-        n = max(cfg.sizes)
         try:
-            check_eval_lengths(tokenizers.get(name), getattr(hp, "max_length", None),
-                               [r["prompt"] for r in requests[:n]], [r["target_new"] for r in requests[:n]],
-                               [r.get("rephrase_prompt") for r in requests[:n]],
-                               {"neighborhood": {"prompt": [_neighbour(r).get("prompt") for r in requests[:n]],
-                                                 "ground_truth": [_neighbour(r).get("ground_truth") or ""
-                                                                  for r in requests[:n]]}},
-                               case_ids=[r["case_id"] for r in requests[:n]])
+            check_eval_lengths(tokenizers[name], max_length, inputs["prompts"], inputs["target_new"],
+                               inputs["rephrase_prompts"], locality, case_ids=[r["case_id"] for r in requests])
         except ValueError as e:
             raise ValueError(f"method {method.name} ({method.hparams}): {e}") from None
 
@@ -297,14 +307,8 @@ def run_method(method: Method, requests: list[dict], cfg: RunConfig, log_path: P
     reference = locality_reference(editor.model, editor.tok, requests)
     start = time.time()
     with PeakMemory() as memory, open(log_path, "w", buffering=1) as log, contextlib.redirect_stdout(log):
-        metrics, edited, _ = editor.batch_edit(
-            [r["prompt"] for r in requests], [r["target_new"] for r in requests],
-            ground_truth=[r.get("ground_truth") or "<|endoftext|>" for r in requests],
-            rephrase_prompts=_all_or_none(requests, lambda r: r.get("rephrase_prompt"), "rephrase_prompt"),
-            locality_prompts=_all_or_none(requests, lambda r: _neighbour(r).get("prompt"), "locality prompt"),
-            locality_ground_truth=_all_or_none(requests, lambda r: _neighbour(r).get("ground_truth"),
-                                               "locality answer"),
-            subject=[r["subject"] for r in requests], keep_original_weight=False, verbose=False)
+        metrics, edited, _ = editor.batch_edit(**batch_edit_inputs(requests), keep_original_weight=False,
+                                               verbose=False)
         batch_seconds = time.time() - start
         ours = evaluate_requests(edited, editor.tok, requests, reference, progress=progress)
     editing_seconds = float(sum(dict.fromkeys(m["time"] for m in metrics)))  # one value per chunk
