@@ -113,3 +113,36 @@ def _requests(cfg, n):
     from megedit.data import load_requests
 
     return load_requests(cfg.data_format, cfg.data_path, n=n)
+
+
+def test_precomputed_z_are_the_ones_the_run_computes(config, tmp_path, monkeypatch):
+    """bench/precompute_z.py (2 processes) writes the z files a run would write; the run then reads every one of them
+    and edits exactly as a run that computed its own."""
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench"))
+    import numpy as np
+    import precompute_z
+
+    raw = yaml.safe_load(open(config))
+    raw.update(z_cache=str(tmp_path / "ahead"), sizes=[3])
+    ahead = tmp_path / "ahead.yaml"
+    ahead.write_text(yaml.safe_dump(raw))
+    assert precompute_z.main([str(ahead), "--workers", "2"]) == 0
+    folders = sorted(p for p in (tmp_path / "ahead").iterdir())
+    assert len(folders) == 2 and all(len(list(f.glob("*.npz"))) == 3 for f in folders)  # MEMIT's and AlphaEdit's
+    log = [json.loads(line) for f in folders for line in open(f / "precompute_z.jsonl")]
+    assert [e["computed"] for e in log] == [3, 3] and log[0]["templates"][0] == ["{}"]
+
+    cfg = runner.load_config(ahead)
+    memit = next(m for m in cfg.methods if "memit" in m.hparams)
+    with_cache = runner.run_method(memit, _requests(cfg, 3), cfg, tmp_path / "a.log", progress=False)
+    assert with_cache["z_reused"] == 3
+    cfg.z_cache = tmp_path / "own"
+    own = runner.run_method(memit, _requests(cfg, 3), cfg, tmp_path / "b.log", progress=False)
+    assert own["z_reused"] == 0 and own["summary"] == with_cache["summary"]
+    for f in (tmp_path / "own").rglob("*.npz"):
+        ahead_z = np.load(tmp_path / "ahead" / f.parent.name / f.name)["v_star"]
+        np.testing.assert_allclose(ahead_z, np.load(f)["v_star"], rtol=1e-5, atol=1e-6)
+    assert precompute_z.main([str(ahead), "--check", "2"]) == 0  # nothing left to do; the check recomputes two
+    assert json.loads(open(folders[0] / "precompute_z.jsonl").readlines()[-1])["check_relative_difference"][1] < 1e-5

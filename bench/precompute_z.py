@@ -1,0 +1,185 @@
+"""Fill a run config's z cache (MEMIT/AlphaEdit target vectors) ahead of `megedit run`, with several processes.
+
+    python bench/precompute_z.py bench/configs/counterfact_baselines.yaml --device cuda --workers 12
+
+z is 90% of MEMIT's cost on SmolLM2 here (≈14 s each on 2 CPU cores). It depends only on the unedited model, the
+request and the z settings, and `megedit run` reads it per case from its z cache, so it can be computed before the run,
+on another device, and by several processes at once (a small model leaves one process far from filling a GPU). This
+script writes the files the run would write, in the folder the run reads, with EasyEdit's own ``compute_z``:
+
+- the requests are the config's first ``--n`` (default: its largest size); files already there are kept;
+- MEMIT computes z against context templates it samples from the model once per process. They are made here the way
+  the run makes them (seeded with the config's seed, on the config's device) and handed to every worker, so z computed
+  on a GPU for a CPU run uses the CPU run's templates;
+- ``--check K`` first recomputes K cached z and prints how far they are from the cached ones (device differences);
+- each call appends what it computed, where, and how fast to ``precompute_z.jsonl`` in the cache folder.
+
+Only methods whose z settings are MEMIT's are served (MEMIT, AlphaEdit); with ``share_z: false`` each gets its folder.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import multiprocessing as mp
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from megedit.runner import _z_cache_template, load_config, method_hparams, seed_everything  # noqa: E402
+
+Z_METHODS = ("MEMIT", "AlphaEdit")
+
+
+def plan(config: str, n: int | None):
+    """``(cfg, [(hparams, template, requests)])`` for each z cache folder the config's methods read."""
+    from megedit.data import load_requests
+
+    cfg = load_config(config)
+    n = n or max(cfg.sizes)
+    requests = load_requests(cfg.data_format, cfg.data_path, n, cfg.offset)
+    folders = {}
+    for method in cfg.methods:
+        hp = method_hparams(method, cfg)
+        if hp.alg_name in Z_METHODS:
+            template = _z_cache_template(cfg, method, hp)
+            folders.setdefault(template, (hp, template, requests))
+    if not folders:
+        raise ValueError(f"{config}: none of its methods computes z ({', '.join(Z_METHODS)})")
+    return cfg, list(folders.values())
+
+
+def z_path(hp, template: str, request: dict) -> Path:
+    return Path(template.format(hp.layers[-1], hp.clamp_norm_factor, request["case_id"]))
+
+
+def context_templates(cfg, hp):
+    """MEMIT's templates as `megedit run` samples them: seeded, on the run's device."""
+    from megedit.baselines.alphaedit.alphaedit_main import _memit, _runtime
+    from megedit.easyedit.loader import load_model_named, normalise_device
+
+    main = _memit()[0]
+    seed_everything(cfg.seed)
+    model, tok = load_model_named(hp.model_name, normalise_device(hp.device))
+    main.CONTEXT_TEMPLATES_CACHE = None
+    with _runtime():
+        templates = main.get_context_templates(model, tok)
+    main.CONTEXT_TEMPLATES_CACHE = None
+    return templates
+
+
+class ZComputer:
+    """EasyEdit's compute_z on one device, with fixed context templates."""
+
+    def __init__(self, hp, device: str, templates):
+        from megedit.baselines.alphaedit.alphaedit_main import _memit, _runtime
+        from megedit.easyedit.loader import load_model_named
+
+        self.main, self.zm = _memit()[:2]
+        self.device, self.templates, self.runtime = device, templates, _runtime
+        self.model, self.tok = load_model_named(hp.model_name, device)
+
+    def __call__(self, hp, request: dict) -> np.ndarray:
+        from megedit.baselines.alphaedit.alphaedit_main import _prepared
+
+        hp = copy.copy(hp)  # the wheel builds f"cuda:{hp.device}": an index there, "cpu" is mended by its runtime fixes
+        hp.device = int(self.device.split(":")[1]) if self.device.startswith("cuda:") else self.device
+        self.main.CONTEXT_TEMPLATES_CACHE = self.templates
+        with self.runtime():
+            z = self.zm.compute_z(self.model, self.tok, _prepared([request])[0], hp, hp.layers[-1], self.templates)
+        return z.detach().cpu().numpy()
+
+
+def save_z(path: Path, z: np.ndarray) -> None:
+    """EasyEdit's cache format ({"v_star": z}), written atomically: a run may be reading the folder meanwhile."""
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
+    np.savez(tmp, v_star=z)
+    os.replace(tmp, path)
+
+
+def worker(rank: int, workers: int, config: str, n: int | None, device: str, templates, deadline: float,
+           done) -> None:
+    """Every ``workers``-th z from ``rank``. The plan is rebuilt here: hparams objects do not cross processes (unpickling
+    them would import EasyEdit without megedit's import shims)."""
+    import contextlib
+    import io
+
+    _, folders = plan(config, n)
+    jobs = [(hp, template, r) for hp, template, requests in folders for r in requests]
+    computer = None
+    with contextlib.redirect_stdout(io.StringIO()):  # compute_z prints every step
+        for i, (hp, template, request) in enumerate(jobs):
+            path = z_path(hp, template, request)
+            if i % workers != rank or path.exists():
+                continue
+            if time.time() > deadline:
+                break
+            computer = computer or ZComputer(hp, device, templates)
+            save_z(path, computer(hp, request))
+            done.append(f"{path.parent.name}/{path.name}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("config", help="a `megedit run` config with MEMIT and/or AlphaEdit")
+    ap.add_argument("--n", type=int, default=None, help="first n requests (default: the config's largest size)")
+    ap.add_argument("--device", default="cpu", help="where to compute z (default cpu); the run's device is the config's")
+    ap.add_argument("--workers", type=int, default=1, help="processes on that device (default 1)")
+    ap.add_argument("--seconds", type=float, default=None, help="stop starting new z after this long")
+    ap.add_argument("--check", type=int, default=0, help="first recompute this many cached z and report the difference")
+    args = ap.parse_args(argv)
+    if args.workers < 1:
+        ap.error("--workers must be at least 1")
+    from megedit.easyedit.loader import normalise_device
+
+    args.device = normalise_device(args.device)
+    start = time.time()
+    cfg, folders = plan(args.config, args.n)
+    templates = context_templates(cfg, folders[0][0])
+    jobs = [(hp, template, r) for hp, template, requests in folders for r in requests]
+    todo = sum(not z_path(*job).exists() for job in jobs)
+    print(f"{len(jobs)} z in {len(folders)} folder(s), {len(jobs) - todo} cached, {todo} to compute", flush=True)
+
+    check = []
+    cached = [job for job in jobs if z_path(*job).exists()][:args.check]
+    if cached:
+        computer = ZComputer(cached[0][0], args.device, templates)
+        for hp, template, r in cached:
+            old = np.load(z_path(hp, template, r))["v_star"]
+            check.append(float(np.linalg.norm(computer(hp, r) - old) / np.linalg.norm(old)))
+        print(f"check: {len(check)} cached z recomputed on {args.device}: relative difference median "
+              f"{np.median(check):.1e}, max {max(check):.1e}", flush=True)
+        del computer
+
+    deadline = time.time() + args.seconds if args.seconds else float("inf")
+    t0 = time.time()
+    with mp.get_context("spawn").Manager() as manager:
+        done = manager.list()
+        procs = [mp.get_context("spawn").Process(target=worker, args=(k, args.workers, args.config, args.n, args.device,
+                                                                      templates, deadline, done)) for k in range(args.workers)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join()
+        done = list(done)
+    seconds = time.time() - t0
+    left = sum(not z_path(*job).exists() for job in jobs)
+    print(f"computed {len(done)} z in {seconds:.0f} s on {args.device} with {args.workers} process(es) "
+          f"({len(done) / max(seconds, 1e-9):.2f} z/s); {left} still missing", flush=True)
+    for _, template, _ in folders:
+        folder = Path(template).parent
+        entry = {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "config": args.config, "device": args.device,
+                 "workers": args.workers, "computed": sum(f.split("/")[0] == folder.name for f in done), "seconds": round(seconds, 1),
+                 "templates": templates, "check_relative_difference": check, "files": sorted(f.split("/")[1] for f in done if f.split("/")[0] == folder.name),
+                 "total_seconds": round(time.time() - start, 1)}
+        with open(folder / "precompute_z.jsonl", "a") as f:
+            f.write(json.dumps(entry) + "\n")
+    return 0 if left == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
