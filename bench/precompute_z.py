@@ -53,8 +53,11 @@ def plan(config: str, n: int | None):
     return cfg, list(folders.values())
 
 
-def z_path(hp, template: str, request: dict) -> Path:
-    return Path(template.format(hp.layers[-1], hp.clamp_norm_factor, request["case_id"]))
+def z_file(job) -> Path:
+    from megedit.baselines.alphaedit.alphaedit_main import z_cache_file
+
+    hp, template, request = job
+    return z_cache_file(template, hp, request["case_id"])
 
 
 def context_templates(cfg, hp):
@@ -73,61 +76,54 @@ def context_templates(cfg, hp):
 
 
 class ZComputer:
-    """EasyEdit's compute_z on one device, with fixed context templates."""
+    """EasyEdit's compute_z on one device, with fixed context templates (AlphaEdit's ``_target_vectors``: the run's
+    own code path, cache file format included)."""
 
     def __init__(self, hp, device: str, templates):
-        from megedit.baselines.alphaedit.alphaedit_main import _memit, _runtime
         from megedit.easyedit.loader import load_model_named
 
-        self.main, self.zm = _memit()[:2]
-        self.device, self.templates, self.runtime = device, templates, _runtime
+        self.device, self.templates = device, templates
         self.model, self.tok = load_model_named(hp.model_name, device)
 
-    def __call__(self, hp, request: dict) -> np.ndarray:
-        from megedit.baselines.alphaedit.alphaedit_main import _prepared
+    def __call__(self, hp, request: dict, template: str | None = None) -> np.ndarray:
+        """z for ``request``; with ``template`` also written to (or read from) its cache file."""
+        from megedit.baselines.alphaedit.alphaedit_main import _prepared, _runtime, _target_vectors
 
         hp = copy.copy(hp)  # the wheel builds f"cuda:{hp.device}": an index there, "cpu" is mended by its runtime fixes
         hp.device = int(self.device.split(":")[1]) if self.device.startswith("cuda:") else self.device
-        self.main.CONTEXT_TEMPLATES_CACHE = self.templates
-        with self.runtime():
-            z = self.zm.compute_z(self.model, self.tok, _prepared([request])[0], hp, hp.layers[-1], self.templates)
-        return z.detach().cpu().numpy()
-
-
-def save_z(path: Path, z: np.ndarray) -> None:
-    """EasyEdit's cache format ({"v_star": z}), written atomically: a run may be reading the folder meanwhile."""
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
-    np.savez(tmp, v_star=z)
-    os.replace(tmp, path)
+        with _runtime():
+            z = _target_vectors(self.model, self.tok, _prepared([request]), hp, self.templates, template)
+        return z[:, 0].numpy()
 
 
 def worker(rank: int, workers: int, config: str, n: int | None, device: str, templates, deadline: float,
            done) -> None:
-    """Every ``workers``-th z from ``rank``. The plan is rebuilt here: hparams objects do not cross processes (unpickling
-    them would import EasyEdit without megedit's import shims)."""
+    """Every ``workers``-th z from ``rank``. The plan is rebuilt here: hparams objects do not cross processes
+    (unpickling them would import EasyEdit without megedit's import shims)."""
     import contextlib
-    import io
 
     _, folders = plan(config, n)
     jobs = [(hp, template, r) for hp, template, requests in folders for r in requests]
     computer = None
-    with contextlib.redirect_stdout(io.StringIO()):  # compute_z prints every step
-        for i, (hp, template, request) in enumerate(jobs):
-            path = z_path(hp, template, request)
+    with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):  # compute_z prints every step
+        for i, job in enumerate(jobs):
+            path = z_file(job)
             if i % workers != rank or path.exists():
                 continue
             if time.time() > deadline:
                 break
+            hp, template, request = job
             computer = computer or ZComputer(hp, device, templates)
-            save_z(path, computer(hp, request))
-            done.append(f"{path.parent.name}/{path.name}")
+            computer(hp, request, template)
+            done.append((path.parent.name, path.name))
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("config", help="a `megedit run` config with MEMIT and/or AlphaEdit")
     ap.add_argument("--n", type=int, default=None, help="first n requests (default: the config's largest size)")
-    ap.add_argument("--device", default="cpu", help="where to compute z (default cpu); the run's device is the config's")
+    ap.add_argument("--device", default="cpu",
+                    help="where to compute z (default cpu); the run's device stays the config's")
     ap.add_argument("--workers", type=int, default=1, help="processes on that device (default 1)")
     ap.add_argument("--seconds", type=float, default=None, help="stop starting new z after this long")
     ap.add_argument("--check", type=int, default=0, help="first recompute this many cached z and report the difference")
@@ -141,15 +137,16 @@ def main(argv: list[str] | None = None) -> int:
     cfg, folders = plan(args.config, args.n)
     templates = context_templates(cfg, folders[0][0])
     jobs = [(hp, template, r) for hp, template, requests in folders for r in requests]
-    todo = sum(not z_path(*job).exists() for job in jobs)
+    todo = sum(not z_file(job).exists() for job in jobs)
     print(f"{len(jobs)} z in {len(folders)} folder(s), {len(jobs) - todo} cached, {todo} to compute", flush=True)
 
     check = []
-    cached = [job for job in jobs if z_path(*job).exists()][:args.check]
+    cached = [job for job in jobs if z_file(job).exists()][:args.check]
     if cached:
         computer = ZComputer(cached[0][0], args.device, templates)
-        for hp, template, r in cached:
-            old = np.load(z_path(hp, template, r))["v_star"]
+        for job in cached:
+            hp, _, r = job
+            old = np.load(z_file(job))["v_star"]
             check.append(float(np.linalg.norm(computer(hp, r) - old) / np.linalg.norm(old)))
         print(f"check: {len(check)} cached z recomputed on {args.device}: relative difference median "
               f"{np.median(check):.1e}, max {max(check):.1e}", flush=True)
@@ -157,24 +154,26 @@ def main(argv: list[str] | None = None) -> int:
 
     deadline = time.time() + args.seconds if args.seconds else float("inf")
     t0 = time.time()
-    with mp.get_context("spawn").Manager() as manager:
+    ctx = mp.get_context("spawn")
+    with ctx.Manager() as manager:
         done = manager.list()
-        procs = [mp.get_context("spawn").Process(target=worker, args=(k, args.workers, args.config, args.n, args.device,
-                                                                      templates, deadline, done)) for k in range(args.workers)]
+        procs = [ctx.Process(target=worker, args=(k, args.workers, args.config, args.n, args.device, templates,
+                                                  deadline, done)) for k in range(args.workers)]
         for p in procs:
             p.start()
         for p in procs:
             p.join()
         done = list(done)
     seconds = time.time() - t0
-    left = sum(not z_path(*job).exists() for job in jobs)
+    left = sum(not z_file(job).exists() for job in jobs)
     print(f"computed {len(done)} z in {seconds:.0f} s on {args.device} with {args.workers} process(es) "
           f"({len(done) / max(seconds, 1e-9):.2f} z/s); {left} still missing", flush=True)
     for _, template, _ in folders:
         folder = Path(template).parent
+        files = sorted(name for owner, name in done if owner == folder.name)
         entry = {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "config": args.config, "device": args.device,
-                 "workers": args.workers, "computed": sum(f.split("/")[0] == folder.name for f in done), "seconds": round(seconds, 1),
-                 "templates": templates, "check_relative_difference": check, "files": sorted(f.split("/")[1] for f in done if f.split("/")[0] == folder.name),
+                 "workers": args.workers, "computed": len(files), "seconds": round(seconds, 1),
+                 "templates": templates, "check_relative_difference": check, "files": files,
                  "total_seconds": round(time.time() - start, 1)}
         with open(folder / "precompute_z.jsonl", "a") as f:
             f.write(json.dumps(entry) + "\n")

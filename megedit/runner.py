@@ -196,9 +196,9 @@ def _with_z_cache(apply, template: str, case_ids: dict[str, object], reused: lis
     def call(model, tok, requests, hparams, **kwargs):
         for r in requests:
             r.setdefault("case_id", case_ids[r["prompt"]])
-        z_layer = hparams.layers[-1]
-        reused[0] += sum(Path(template.format(z_layer, hparams.clamp_norm_factor, r["case_id"])).exists()
-                         for r in requests)
+        from .baselines.alphaedit.alphaedit_main import z_cache_file
+
+        reused[0] += sum(z_cache_file(template, hparams, r["case_id"]).exists() for r in requests)
         return apply(model, tok, requests, hparams, cache_template=template, **kwargs)
 
     return call

@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ...atomic import atomic_write
 from .alphaedit_hparams import AlphaEditHyperParams
 
 
@@ -156,24 +157,36 @@ def _prepared(requests: list[dict]) -> list[dict]:
     return out
 
 
+def z_cache_file(cache_template: str, hp, case_id) -> Path:
+    """EasyEdit's per-case z file: ``cache_template`` filled with the z layer, the clamp factor and the case id."""
+    return Path(str(cache_template).format(hp.layers[-1], hp.clamp_norm_factor, case_id))
+
+
+def save_z(path: Path, z: np.ndarray) -> None:
+    """EasyEdit's cache format ({"v_star": z}), written atomically: another process may be reading the folder."""
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            np.savez(f, v_star=z)
+
+    atomic_write(path, write)
+
+
 def _target_vectors(model, tok, requests, hp, context_templates, cache_template) -> torch.Tensor:
     """z for every request (d × n), read from / written to EasyEdit's per-case cache file when a template is given."""
     _, z_module, _, _ = _memit()
-    z_layer = hp.layers[-1]
     zs = []
     for r in requests:
         path = None
         if cache_template is not None:
             if "case_id" not in r:
                 raise ValueError("cache_template needs a 'case_id' in every request")
-            path = Path(str(cache_template).format(z_layer, hp.clamp_norm_factor, r["case_id"]))
+            path = z_cache_file(cache_template, hp, r["case_id"])
         if path is not None and path.exists():
             zs.append(torch.from_numpy(np.load(path)["v_star"]))
             continue
-        z = z_module.compute_z(model, tok, r, hp, z_layer, context_templates).detach().cpu()
+        z = z_module.compute_z(model, tok, r, hp, hp.layers[-1], context_templates).detach().cpu()
         if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            np.savez(path, v_star=z.numpy())
+            save_z(path, z.numpy())
         zs.append(z)
     return torch.stack(zs, dim=1)
 
