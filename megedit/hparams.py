@@ -100,6 +100,7 @@ class MeGHyperParams:
     fit_batch_edits: int = 32
     fit_init_scale: float = 1.0
     fit_silence_weight: float = 0.0  # keeps the neuron quiet on the prompt body (it is fitted at the answer positions)
+    fit_views: int = 0  # fit each neuron on its prompt and its first fit_views - 1 views (0: all); its cost is linear in it
 
     # stage 4: generator of neuron weights from the query embedding
     generator: str = "dit"  # "dit" or "mlp"
@@ -162,6 +163,8 @@ class MeGHyperParams:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise HParamsError(f"hparams field {name!r} must be positive, got {getattr(self, name)!r}")
+        if self.fit_views < 0:
+            raise HParamsError(f"hparams field 'fit_views' must be >= 0 (0: every view), got {self.fit_views!r}")
         if self.gen_min_steps < 0:
             raise HParamsError(f"hparams field 'gen_min_steps' must be >= 0, got {self.gen_min_steps!r}")
         if self.familiarity_classes < 2:

@@ -202,7 +202,9 @@ def train_meg(model, tok, requests: list[dict], hp: MeGHyperParams, progress: bo
     report["seconds"]["stage2_familiarity"] = ckpt.seconds()
 
     ckpt.begin("stage3_neurons")
-    fit = fit_neurons(model, tok, texts.views, [r["target_new"] for r in requests], hp, progress, checkpoint=ckpt)
+    # the gate and the generator learn from every view; the fits may use fewer (stage 3's cost is linear in views)
+    fit_views = [v[:hp.fit_views] for v in texts.views] if hp.fit_views else texts.views
+    fit = fit_neurons(model, tok, fit_views, [r["target_new"] for r in requests], hp, progress, checkpoint=ckpt)
     report["fit"] = _fit_report(fit, requests)
     report["seconds"]["stage3_neurons"] = ckpt.seconds()
 

@@ -173,3 +173,29 @@ def test_initial_neuron_is_shared_and_seeded():
     assert torch.equal(a, b) and not torch.equal(a, fitting.initial_neuron(model, 1.0, 1))
     assert a.shape == (neuron_size(model),) and a[hidden_size(model)] == 0  # dense form: the bias starts at 0
     assert arch_of(model).form == "dense"
+
+
+def test_fit_views_limits_the_fits_not_the_gate(tmp_path, monkeypatch):
+    """fit_views: each neuron is fitted on its prompt and its first views only; the gate still sees every view."""
+    import megedit.meg_main as meg_main
+    from megedit.meg_main import apply_meg_to_model
+
+    from tiny_meg import EDITS, tiny_base, tiny_hparams
+
+    seen = {}
+    real_fit, real_texts = meg_main.fit_neurons, meg_main.build_texts
+    monkeypatch.setattr(meg_main, "fit_neurons", lambda m, t, views, *a, **k: seen.setdefault("fit", views)
+                        and real_fit(m, t, views, *a, **k))
+    monkeypatch.setattr(meg_main, "build_texts", lambda *a: seen.setdefault("texts", real_texts(*a)))
+    model, tok = tiny_base()
+    apply_meg_to_model(model, tok, EDITS, tiny_hparams(tmp_path, fit_views=2), progress=False)
+    all_views = seen["texts"].views
+    assert max(map(len, all_views)) > 2  # the limit has something to cut
+    assert seen["fit"] == [v[:2] for v in all_views]
+    assert [v[0] for v in seen["fit"]] == [r["prompt"] for r in EDITS]
+    assert len(seen["texts"].positives) == 2 * sum(map(len, all_views))  # routing learns from every view
+
+
+def test_fit_views_must_not_be_negative():
+    with pytest.raises(ValueError, match="fit_views"):
+        hparams(fit_views=-1)
