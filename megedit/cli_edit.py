@@ -27,6 +27,8 @@ def add_parser(sub) -> None:
     # under torchrun / accelerate launch write --num-edits: their parsers take --n for an abbreviation of their own
     p.add_argument("--n", "--num-edits", dest="n", type=int, default=100, help="number of edits")
     p.add_argument("--offset", type=int, default=0, help="first record to edit")
+    p.add_argument("--eval-n", type=int, help="evaluate a uniform sample of this many edits, drawn with the hparams' "
+                   "seed (all --n are edited); for runs whose full evaluation would cost hours, e.g. 10,000 on a CPU")
     p.add_argument("--pseudo-data", help="pseudo-edit pool (overrides pseudo_edit_data in the hparams)")
     p.add_argument("--device", help="overrides device in the hparams")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override any hparams field")
@@ -68,6 +70,17 @@ def model_config(model_name: str):
                          "builtin (smollm2-135m), a local model folder or a hub id") from None
 
 
+def evaluation_sample(requests: list[dict], eval_n: int | None, seed: int) -> list[dict]:
+    """The requests to evaluate: all of them, or ``eval_n`` drawn uniformly with ``seed``, in edit order."""
+    if eval_n is None or eval_n == len(requests):
+        return requests
+    if not 0 < eval_n <= len(requests):
+        raise ValueError(f"--eval-n must be between 1 and the number of edits ({len(requests)}), got {eval_n}")
+    import random
+
+    return [requests[i] for i in sorted(random.Random(seed).sample(range(len(requests)), eval_n))]
+
+
 def main(args) -> int:
     from . import apply_meg_to_model, distributed, evaluate_requests, load_model, load_requests, locality_reference
     from .arch import check_config, check_layer
@@ -86,6 +99,7 @@ def main(args) -> int:
         changes["device"] = args.device
     hp = MeGHyperParams.from_dict({**hp.to_dict(), **changes}, source=f"{args.hparams} + overrides")
     requests = validate_requests(load_requests(args.format, args.data, n=args.n, offset=args.offset))
+    evaluated = evaluation_sample(requests, args.eval_n, hp.seed)
     if hp.pseudo_edit_data:
         from .data import resolve_data_path
 
@@ -106,8 +120,8 @@ def main(args) -> int:
 
     def evaluate_base():
         t0 = time.time()
-        reference = locality_reference(model, tok, requests, hp.eval_batch_size)
-        return reference, evaluate_requests(model, tok, requests, reference, hp.eval_batch_size), time.time() - t0
+        reference = locality_reference(model, tok, evaluated, hp.eval_batch_size)
+        return reference, evaluate_requests(model, tok, evaluated, reference, hp.eval_batch_size), time.time() - t0
 
     if distributed.world_size() == 1:
         reference, pre, pre_s = evaluate_base()
@@ -122,12 +136,14 @@ def main(args) -> int:
     if args.save:
         edited.save_pretrained(args.save)  # before evaluation: a crash there does not lose the edit
     t0 = time.time()
-    post = evaluate_requests(edited, tok, requests, reference, hp.eval_batch_size)
+    post = evaluate_requests(edited, tok, evaluated, reference, hp.eval_batch_size)
     post_s = time.time() - t0
     report = edited.report
-    report["gate_probe"] = gate_probe(edited.edit, requests, load_pool(requests, hp), questions)
+    report["gate_probe"] = gate_probe(edited.edit, evaluated, load_pool(requests, hp), questions, trained_on=requests)
 
-    print(f"\nMeG on {hp.model_name}, {len(requests)} edits from {args.data}")
+    sampled = f", evaluated on {len(evaluated)} of them (uniform sample, seed {hp.seed})" \
+        if len(evaluated) < len(requests) else ""
+    print(f"\nMeG on {hp.model_name}, {len(requests)} edits from {args.data}{sampled}")
     print(format_table(pre["summary"], post["summary"]))
     gate = report.get("gate", {})
     print(f"\ngate: epsilon={gate.get('epsilon', float('nan')):.4f}  calibration: familiar passed "
@@ -140,7 +156,8 @@ def main(args) -> int:
                                    {"load": load_s, "pre-eval": pre_s, **report["seconds"], "post-eval": post_s}.items()))
     out = Path(args.out) / "results.json"
     write_json(out, {"method": "MeG", "hparams": hp.to_dict(), "seed": hp.seed, "data": str(args.data),
-                     "n": len(requests), "offset": args.offset, "saved_edit": args.save, "environment": environment(),
+                     "n": len(requests), "offset": args.offset, "n_evaluated": len(evaluated),
+                     "evaluated_case_ids": [r.get("case_id") for r in evaluated], "saved_edit": args.save, "environment": environment(),
                      "pre": pre["summary"], "post": post["summary"], "report": report,
                      "per_request_post": post["per_request"],
                      "seconds": {"load": load_s, "pre_eval": pre_s, **report["seconds"], "post_eval": post_s}})

@@ -33,8 +33,11 @@ def _seen_by_training(pool: PseudoEditPool, requests: list[dict], hp) -> set[str
 
 
 def gate_probe(edit: MeGEdit, requests: list[dict], pool: PseudoEditPool | None, questions: list[str] = (),
-               n_per_kind: int = 2) -> dict:
-    """Gate pass rates on fresh queries of each kind; ``rates[kind]`` is the fraction judged familiar."""
+               n_per_kind: int = 2, trained_on: list[dict] | None = None) -> dict:
+    """Gate pass rates on fresh queries of each kind; ``rates[kind]`` is the fraction judged familiar.
+
+    ``requests`` are the edits probed; ``trained_on`` (default: the same) are all the edits the gate learned, whose
+    near misses are never counted as fresh."""
     groups: dict[str, list[str]] = {
         "edit_prompt": [r["prompt"] for r in requests],
         "rephrase": [r["rephrase_prompt"] for r in requests if r.get("rephrase_prompt")],
@@ -42,7 +45,7 @@ def gate_probe(edit: MeGEdit, requests: list[dict], pool: PseudoEditPool | None,
                      if isinstance(loc, dict) and isinstance(loc.get("prompt"), str)],
     }
     if pool is not None:
-        seen = _seen_by_training(pool, requests, edit.hparams)
+        seen = _seen_by_training(pool, requests if trained_on is None else trained_on, edit.hparams)
         fresh = {k: [] for k in NEAR_MISS_KINDS}
         for r in requests:
             for kind, pairs in pool.near_misses(r, n_per_kind, salt="probe").items():

@@ -200,3 +200,32 @@ def test_edit_saves_the_edit_and_records_the_seed(tmp_path, capsys):
     model, tok = load_model(str(model_dir))
     edited = MeGModel.from_pretrained(model, tok, tmp_path / "edit")
     assert edited.edit.hparams.seed == 3 and edited.edit.base_fingerprint["model_type"] == "llama"
+
+
+@pytest.mark.parametrize("eval_n", [0, 5])
+def test_eval_n_out_of_range_before_loading(tmp_path, capsys, no_model_loading, eval_n):
+    from conftest import tiny_config
+
+    tiny_config("llama", 50257).save_pretrained(tmp_path / "m")
+    rc, err, elapsed = run_edit(capsys, tiny_yaml(tmp_path, tmp_path / "m"), "--data", edits_file(tmp_path),
+                                "--n", 4, "--eval-n", eval_n)
+    assert_one_line_error(rc, err, elapsed, "--eval-n must be between 1 and the number of edits (4)", str(eval_n))
+
+
+def test_eval_n_edits_all_and_evaluates_a_seeded_sample(tmp_path, capsys):
+    """--eval-n 2 of 4: all four are edited (the fits), two drawn with the seed are scored, and the record says which."""
+    model_dir = tiny_model_dir(tmp_path)
+    rc = main(["edit", str(tiny_yaml(tmp_path, model_dir)), "--data", str(edits_file(tmp_path)), "--n", "4",
+               "--eval-n", "2", "--out", str(tmp_path / "out")])
+    out = capsys.readouterr().out
+    assert rc == 0
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["n"] == 4 and results["n_evaluated"] == 2 and len(results["per_request_post"]) == 2
+    assert results["report"]["n_edits"] == 4  # trained on all four
+    from megedit.cli_edit import evaluation_sample
+    from tiny_meg import EDITS
+
+    expected = [r["case_id"] for r in evaluation_sample(EDITS, 2, results["seed"])]
+    assert results["evaluated_case_ids"] == expected and len(set(expected)) == 2
+    assert "evaluated on 2 of them" in out
+    assert results["report"]["gate_probe"]["n"]["edit_prompt"] == 2
