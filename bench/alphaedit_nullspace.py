@@ -1,0 +1,110 @@
+"""How much room AlphaEdit's null space leaves for n edits: its dimension per layer, and the share of the edit keys in it.
+
+AlphaEdit projects every update onto the eigen-directions of the preserved keys' covariance C0 with eigenvalue below
+``nullspace_threshold``, so n edits must be written through a subspace of that dimension: when n edits' keys need more
+independent directions than it has, they compete and reliability falls. This prints, for each edited layer and
+several thresholds, the null-space dimension and the median share of an edit key's energy inside it (keys: the
+rewritten module's input at the subject's last token of each edit prompt, as MEMIT's ``subject_last``, without
+MEMIT's context-template averaging).
+
+    megedit stats hparams/MEMIT/smollm2-135m.yaml        # the covariance files, once
+    python bench/alphaedit_nullspace.py hparams/AlphaEdit/smollm2-135m.yaml --n 1000
+
+Writes results/bench/alphaedit_nullspace/{results.json,results.md}.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from megedit import load_model, load_requests  # noqa: E402
+from megedit.cli import environment, write_json  # noqa: E402
+from megedit.stats import stats_paths  # noqa: E402
+from megedit.yaml_file import read_yaml_mapping  # noqa: E402
+
+
+def covariance(path: Path) -> torch.Tensor:
+    """EasyEdit's get_cov: the second moment divided by the token count."""
+    data = np.load(path)
+    return torch.from_numpy(data["mom2.mom2"]).double() / float(data["mom2.count"])
+
+
+@torch.no_grad()
+def subject_last_keys(model, tok, requests: list[dict], module_names: list[str], batch_size: int = 32):
+    """Input of each named module at the last token of each request's subject: {name: (n, d_k)}."""
+    modules = dict(model.named_modules())
+    seen: dict[str, list[torch.Tensor]] = {n: [] for n in module_names}
+    for start in range(0, len(requests), batch_size):
+        batch = requests[start:start + batch_size]
+        positions = []
+        for r in batch:
+            head = r["prompt"][: r["prompt"].index(r["subject"]) + len(r["subject"])]
+            positions.append(len(tok(head)["input_ids"]) - 1)
+        enc = tok([r["prompt"] for r in batch], return_tensors="pt", padding=True)  # right padding
+        captured = {}
+        hooks = [modules[n].register_forward_pre_hook(lambda m, a, n=n: captured.__setitem__(n, a[0]))
+                 for n in module_names]
+        try:
+            model(**enc)
+        finally:
+            for h in hooks:
+                h.remove()
+        rows = torch.arange(len(batch))
+        for n in module_names:
+            seen[n].append(captured[n][rows, torch.tensor(positions)].double())
+    return {n: torch.cat(v) for n, v in seen.items()}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("hparams", help="AlphaEdit hparams YAML (its layers, module and statistics settings)")
+    p.add_argument("--data", default="counterfact/counterfact-edit.json")
+    p.add_argument("--n", type=int, default=1000, help="edit requests whose keys are measured")
+    p.add_argument("--thresholds", type=float, nargs="+", default=[1e-3, 5e-3, 1e-2, 2e-2, 5e-2, 1e-1])
+    p.add_argument("--out", default="results/bench/alphaedit_nullspace")
+    args = p.parse_args()
+    hp = read_yaml_mapping(Path(args.hparams), "hparams file")
+    model, tok = load_model(hp["model_name"])
+    tok.padding_side = "right"
+    requests = load_requests("auto", args.data, n=args.n)
+    names = [hp["rewrite_module_tmp"].format(layer) for layer in hp["layers"]]
+    keys = subject_last_keys(model, tok, requests, names)
+    rows = []
+    for layer, name in zip(hp["layers"], names):
+        found = [q for q in stats_paths(model, hp, layer) if q.exists()]
+        if not found:
+            raise SystemExit(f"no covariance file for layer {layer} (looked for {stats_paths(model, hp, layer)[0]}); "
+                             f"run: megedit stats {args.hparams}")
+        eigenvalues, vectors = torch.linalg.eigh(covariance(found[0]))
+        k = keys[name]  # (n, d_k)
+        for threshold in args.thresholds:
+            null = vectors[:, eigenvalues < threshold]  # (d_k, m)
+            share = ((k @ null).pow(2).sum(1) / k.pow(2).sum(1)).median() if null.shape[1] else torch.tensor(0.0)
+            # how many independent directions the n keys need inside it (99% of their projected energy)
+            projected = torch.linalg.svdvals(k @ null) if null.shape[1] else torch.zeros(1)
+            energy = projected.pow(2).cumsum(0) / projected.pow(2).sum().clamp_min(1e-30)
+            rows.append({"layer": layer, "threshold": threshold, "d_k": k.shape[1], "null_dim": int(null.shape[1]),
+                         "median_key_share_in_null": float(share),
+                         "key_rank_99_in_null": int((energy < 0.99).sum()) + 1 if null.shape[1] else 0})
+    out = Path(args.out)
+    write_json(out / "results.json", {"hparams": args.hparams, "data": args.data, "n": len(requests),
+                                      "environment": environment(), "rows": rows, "command": " ".join(sys.argv)})
+    lines = [f"AlphaEdit null space ({args.hparams}), keys of the first {len(requests)} requests of {args.data}", "",
+             "| layer | threshold | null dim / d_k | median key energy in null | key rank (99%) in null |",
+             "|---:|---:|---:|---:|---:|"]
+    lines += [f"| {r['layer']} | {r['threshold']:g} | {r['null_dim']} / {r['d_k']} | {r['median_key_share_in_null']:.4f}"
+              f" | {r['key_rank_99_in_null']} |" for r in rows]
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
