@@ -5,7 +5,8 @@ AlphaEdit projects every update onto the eigen-directions of the preserved keys'
 independent directions than it has, they compete and reliability falls. This prints, for each edited layer and
 several thresholds, the null-space dimension and the median share of an edit key's energy inside it (keys: the
 rewritten module's input at the subject's last token of each edit prompt, as MEMIT's ``subject_last``, without
-MEMIT's context-template averaging).
+MEMIT's context-template averaging), and the share of the preserved keys' energy the projection lets through,
+trace(P·C0)/trace(C0): what an update inside the "null" space can still change on preserved knowledge.
 
     megedit stats hparams/MEMIT/smollm2-135m.yaml        # the covariance files, once
     python bench/alphaedit_nullspace.py hparams/AlphaEdit/smollm2-135m.yaml --n 1000
@@ -24,8 +25,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megedit import load_model, load_requests  # noqa: E402
+from megedit import load_requests  # noqa: E402
 from megedit.cli import environment, write_json  # noqa: E402
+from megedit.easyedit.loader import load_model_named  # noqa: E402
 from megedit.stats import stats_paths  # noqa: E402
 from megedit.yaml_file import read_yaml_mapping  # noqa: E402
 
@@ -71,7 +73,7 @@ def main() -> int:
     p.add_argument("--out", default="results/bench/alphaedit_nullspace")
     args = p.parse_args()
     hp = read_yaml_mapping(Path(args.hparams), "hparams file")
-    model, tok = load_model(hp["model_name"])
+    model, tok = load_model_named(hp["model_name"])  # as EasyEdit sees it: the statistics files are named after it
     tok.padding_side = "right"
     requests = load_requests("auto", args.data, n=args.n)
     names = [hp["rewrite_module_tmp"].format(layer) for layer in hp["layers"]]
@@ -91,15 +93,18 @@ def main() -> int:
             projected = torch.linalg.svdvals(k @ null) if null.shape[1] else torch.zeros(1)
             energy = projected.pow(2).cumsum(0) / projected.pow(2).sum().clamp_min(1e-30)
             rows.append({"layer": layer, "threshold": threshold, "d_k": k.shape[1], "null_dim": int(null.shape[1]),
+                         # trace(P C0) / trace(C0): how much of the preserved keys' energy the projection lets through
+                         "preserved_share_in_null": float(eigenvalues[eigenvalues < threshold].sum() / eigenvalues.sum()),
                          "median_key_share_in_null": float(share),
                          "key_rank_99_in_null": int((energy < 0.99).sum()) + 1 if null.shape[1] else 0})
     out = Path(args.out)
     write_json(out / "results.json", {"hparams": args.hparams, "data": args.data, "n": len(requests),
                                       "environment": environment(), "rows": rows, "command": " ".join(sys.argv)})
     lines = [f"AlphaEdit null space ({args.hparams}), keys of the first {len(requests)} requests of {args.data}", "",
-             "| layer | threshold | null dim / d_k | median key energy in null | key rank (99%) in null |",
-             "|---:|---:|---:|---:|---:|"]
-    lines += [f"| {r['layer']} | {r['threshold']:g} | {r['null_dim']} / {r['d_k']} | {r['median_key_share_in_null']:.4f}"
+             "| layer | threshold | null dim / d_k | preserved energy in null | median edit-key energy in null | "
+             "edit-key rank (99%) in null |", "|---:|---:|---:|---:|---:|---:|"]
+    lines += [f"| {r['layer']} | {r['threshold']:g} | {r['null_dim']} / {r['d_k']} | {r['preserved_share_in_null']:.4f}"
+              f" | {r['median_key_share_in_null']:.4f}"
               f" | {r['key_rank_99_in_null']} |" for r in rows]
     (out / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
