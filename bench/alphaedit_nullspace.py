@@ -16,11 +16,9 @@ Writes results/bench/alphaedit_nullspace/{results.json,results.md}.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -28,14 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from megedit import load_requests  # noqa: E402
 from megedit.cli import environment, write_json  # noqa: E402
 from megedit.easyedit.loader import load_model_named  # noqa: E402
-from megedit.stats import stats_paths  # noqa: E402
+from megedit.stats import is_valid, read_covariance, stats_paths  # noqa: E402
 from megedit.yaml_file import read_yaml_mapping  # noqa: E402
-
-
-def covariance(path: Path) -> torch.Tensor:
-    """EasyEdit's get_cov: the second moment divided by the token count."""
-    data = np.load(path)
-    return torch.from_numpy(data["mom2.mom2"]).double() / float(data["mom2.count"])
 
 
 @torch.no_grad()
@@ -80,23 +72,26 @@ def main() -> int:
     keys = subject_last_keys(model, tok, requests, names)
     rows = []
     for layer, name in zip(hp["layers"], names):
-        found = [q for q in stats_paths(model, hp, layer) if q.exists()]
+        paths = stats_paths(model, hp, layer)
+        found = [q for q in paths if is_valid(q, hp["mom2_n_samples"])]
         if not found:
-            raise SystemExit(f"no covariance file for layer {layer} (looked for {stats_paths(model, hp, layer)[0]}); "
+            raise SystemExit(f"no covariance file for layer {layer} (looked for {paths[0]}); "
                              f"run: megedit stats {args.hparams}")
-        eigenvalues, vectors = torch.linalg.eigh(covariance(found[0]))
+        eigenvalues, vectors = torch.linalg.eigh(read_covariance(found[0]))
         k = keys[name]  # (n, d_k)
         for threshold in args.thresholds:
-            null = vectors[:, eigenvalues < threshold]  # (d_k, m)
-            share = ((k @ null).pow(2).sum(1) / k.pow(2).sum(1)).median() if null.shape[1] else torch.tensor(0.0)
-            # how many independent directions the n keys need inside it (99% of their projected energy)
-            projected = torch.linalg.svdvals(k @ null) if null.shape[1] else torch.zeros(1)
-            energy = projected.pow(2).cumsum(0) / projected.pow(2).sum().clamp_min(1e-30)
-            rows.append({"layer": layer, "threshold": threshold, "d_k": k.shape[1], "null_dim": int(null.shape[1]),
-                         # trace(P C0) / trace(C0): how much of the preserved keys' energy the projection lets through
-                         "preserved_share_in_null": float(eigenvalues[eigenvalues < threshold].sum() / eigenvalues.sum()),
-                         "median_key_share_in_null": float(share),
-                         "key_rank_99_in_null": int((energy < 0.99).sum()) + 1 if null.shape[1] else 0})
+            in_null = eigenvalues < threshold  # the directions alphaedit_main.null_space_projector keeps
+            row = {"layer": layer, "threshold": threshold, "d_k": k.shape[1], "null_dim": int(in_null.sum()),
+                   # trace(P C0) / trace(C0): how much of the preserved keys' energy the projection lets through
+                   "preserved_share_in_null": float(eigenvalues[in_null].sum() / eigenvalues.sum()),
+                   "median_key_share_in_null": 0.0, "key_rank_99_in_null": 0}
+            if in_null.any():
+                projected = k @ vectors[:, in_null]  # (n, m)
+                row["median_key_share_in_null"] = float((projected.pow(2).sum(1) / k.pow(2).sum(1)).median())
+                # how many independent directions the n keys need inside it (99% of their projected energy)
+                energy = torch.linalg.svdvals(projected).pow(2).cumsum(0)
+                row["key_rank_99_in_null"] = int((energy < 0.99 * energy[-1]).sum()) + 1
+            rows.append(row)
     out = Path(args.out)
     write_json(out / "results.json", {"hparams": args.hparams, "data": args.data, "n": len(requests),
                                       "environment": environment(), "rows": rows, "command": " ".join(sys.argv)})

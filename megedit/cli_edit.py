@@ -11,6 +11,7 @@ Rank 0 alone evaluates, prints and writes results.
 """
 from __future__ import annotations
 
+import random
 import time
 from pathlib import Path
 
@@ -76,8 +77,6 @@ def evaluation_sample(requests: list[dict], eval_n: int | None, seed: int) -> li
         return requests
     if not 0 < eval_n <= len(requests):
         raise ValueError(f"--eval-n must be between 1 and the number of edits ({len(requests)}), got {eval_n}")
-    import random
-
     return [requests[i] for i in sorted(random.Random(seed).sample(range(len(requests)), eval_n))]
 
 
@@ -157,7 +156,8 @@ def main(args) -> int:
     out = Path(args.out) / "results.json"
     write_json(out, {"method": "MeG", "hparams": hp.to_dict(), "seed": hp.seed, "data": str(args.data),
                      "n": len(requests), "offset": args.offset, "n_evaluated": len(evaluated),
-                     "evaluated_case_ids": [r.get("case_id") for r in evaluated], "saved_edit": args.save, "environment": environment(),
+                     "evaluated_case_ids": [r.get("case_id") for r in evaluated], "saved_edit": args.save,
+                     "environment": environment(),
                      "pre": pre["summary"], "post": post["summary"], "report": report,
                      "per_request_post": post["per_request"],
                      "seconds": {"load": load_s, "pre_eval": pre_s, **report["seconds"], "post_eval": post_s}})

@@ -163,10 +163,9 @@ class MeGHyperParams:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise HParamsError(f"hparams field {name!r} must be positive, got {getattr(self, name)!r}")
-        if self.fit_views < 0:
-            raise HParamsError(f"hparams field 'fit_views' must be >= 0 (0: every view), got {self.fit_views!r}")
-        if self.gen_min_steps < 0:
-            raise HParamsError(f"hparams field 'gen_min_steps' must be >= 0, got {self.gen_min_steps!r}")
+        for name in ("fit_views", "gen_min_steps"):  # 0 is meaningful: every view / no floor
+            if getattr(self, name) < 0:
+                raise HParamsError(f"hparams field {name!r} must be >= 0, got {getattr(self, name)!r}")
         if self.familiarity_classes < 2:
             raise HParamsError("familiarity_classes must be at least 2 (entropy of a 1-way prediction is always 0)")
         if self.layer < 0:

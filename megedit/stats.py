@@ -198,6 +198,13 @@ def write_stats(paths: list[Path], mom2_sum: torch.Tensor, count: int, sample_si
             shutil.copyfile(first, other)
 
 
+def read_covariance(path: Path) -> torch.Tensor:
+    """The covariance EasyEdit's ``get_cov`` makes of a file ``write_stats`` wrote: the second moment over the token
+    count (float64)."""
+    with np.load(path) as f:
+        return torch.from_numpy(f["mom2.mom2"]).double() / float(f["mom2.count"])
+
+
 def read_stats_hparams(path: str | Path) -> dict:
     """The keys ``megedit stats`` needs from a MEMIT/AlphaEdit hparams YAML, checked."""
     p = Path(path)
