@@ -28,6 +28,8 @@ def add_parser(sub) -> None:
     # under torchrun / accelerate launch write --num-edits: their parsers take --n for an abbreviation of their own
     p.add_argument("--n", "--num-edits", dest="n", type=int, default=100, help="number of edits")
     p.add_argument("--offset", type=int, default=0, help="first record to edit")
+    p.add_argument("--drop-conflicts", action="store_true", help="leave out each request whose prompt an earlier one "
+                   "edits to another target (CounterFact's first 10,000 hold 79); without it such data is refused")
     p.add_argument("--eval-n", type=int, help="evaluate a uniform sample of this many edits, drawn with the hparams' "
                    "seed (all --n are edited); for runs whose full evaluation would cost hours, e.g. 10,000 on a CPU")
     p.add_argument("--pseudo-data", help="pseudo-edit pool (overrides pseudo_edit_data in the hparams)")
@@ -84,7 +86,7 @@ def main(args) -> int:
     from . import apply_meg_to_model, distributed, evaluate_requests, load_model, load_requests, locality_reference
     from .arch import check_config, check_layer
     from .cli import environment, write_json
-    from .data import validate_requests
+    from .data import drop_conflicts, validate_requests
     from .hparams import MeGHyperParams
     from .meg_main import load_pool
     from .probe import gate_probe
@@ -97,7 +99,16 @@ def main(args) -> int:
     if args.device:
         changes["device"] = args.device
     hp = MeGHyperParams.from_dict({**hp.to_dict(), **changes}, source=f"{args.hparams} + overrides")
-    requests = validate_requests(load_requests(args.format, args.data, n=args.n, offset=args.offset))
+    requests = load_requests(args.format, args.data, n=args.n, offset=args.offset)
+    dropped = []
+    if args.drop_conflicts:
+        loaded = requests
+        requests, positions = drop_conflicts(loaded)
+        dropped = [loaded[i]["case_id"] for i in positions]
+        if dropped:
+            print(f"--drop-conflicts: left out {len(dropped)} of {len(loaded)} requests (an earlier one edits their "
+                  f"prompt to another target): case_ids {dropped}")
+    requests = validate_requests(requests)
     evaluated = evaluation_sample(requests, args.eval_n, hp.seed)
     if hp.pseudo_edit_data:
         from .data import resolve_data_path
@@ -155,7 +166,8 @@ def main(args) -> int:
                                    {"load": load_s, "pre-eval": pre_s, **report["seconds"], "post-eval": post_s}.items()))
     out = Path(args.out) / "results.json"
     write_json(out, {"method": "MeG", "hparams": hp.to_dict(), "seed": hp.seed, "data": str(args.data),
-                     "n": len(requests), "offset": args.offset, "n_evaluated": len(evaluated),
+                     "n": len(requests), "offset": args.offset, "dropped_conflicting_case_ids": dropped,
+                     "n_evaluated": len(evaluated),
                      "evaluated_case_ids": [r.get("case_id") for r in evaluated], "saved_edit": args.save,
                      "environment": environment(),
                      "pre": pre["summary"], "post": post["summary"], "report": report,
