@@ -11,6 +11,8 @@ Inside, every file is written atomically:
     seconds.json                                time spent on each stage folder's saved work, so a run resumed over
                                                 several sessions reports what its kept work cost
     stage1_encoder-<key>/stage1.json, stage1_encoder/, stage1_rng.safetensors   the tuned encoder, report, RNG after it
+    embed-<key>/embeddings.safetensors                                          every training text's embedding
+    stage2_familiarity-<key>/familiarity.pt     the gate's training state after each epoch
     stage2_familiarity-<key>/stage2.json, stage2.safetensors                    the familiarity gate and its report
     stage3_neurons-<key>/neurons/from_000000.safetensors                        one file per ``fit_batch_edits`` fits
     stage4_generator-<key>/generator.pt         the generator's training state, every ``checkpoint_gen_epochs``
@@ -42,6 +44,7 @@ NOT_IN_KEY = ("checkpoint_dir", "checkpoint_gen_epochs", "device_map", "batch_si
 # each stage's own hparams (by name prefix), and the stages whose saved work it reads. Stage 3 reads neither the
 # encoder nor the gate, nor any RNG state they leave (its start is seeded): the gate's settings do not refit neurons.
 STAGES = {"stage1_encoder": (("encoder_",), ()),
+          "embed": ((), ("stage1_encoder",)),  # every training text through the tuned encoder
           "stage2_familiarity": (("familiarity_",), ("stage1_encoder",)),
           "stage3_neurons": (("fit_",), ()),
           "stage4_generator": (("generator", "dit_", "gen_"), ("stage1_encoder", "stage3_neurons"))}

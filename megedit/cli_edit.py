@@ -128,23 +128,19 @@ def main(args) -> int:
     check_layer(model, hp.layer)
     load_s = time.time() - started
 
-    def evaluate_base():
-        t0 = time.time()
-        reference = locality_reference(model, tok, evaluated, hp.eval_batch_size)
-        return reference, evaluate_requests(model, tok, evaluated, reference, hp.eval_batch_size), time.time() - t0
-
-    if distributed.world_size() == 1:
-        reference, pre, pre_s = evaluate_base()
-        edited, _ = apply_meg_to_model(model, tok, requests, hp)
-    else:
-        # every rank trains; rank 0 alone evaluates, after training, so that no rank waits for it in a collective
-        # (which times out). The base model still answers as before: the neuron is off outside MeGModel calls.
-        edited, _ = apply_meg_to_model(model, tok, requests, hp)
-        if not distributed.is_main():
-            return 0
-        reference, pre, pre_s = evaluate_base()
+    # train first, then evaluate the base model: a run resumed from its checkpoint over several sessions spends no
+    # time on evaluation until training is done; under a launcher rank 0 alone evaluates, after every rank has trained
+    # (a rank waiting in a collective times out). The base model answers as before: the neuron is off outside
+    # MeGModel calls.
+    edited, _ = apply_meg_to_model(model, tok, requests, hp)
+    if not distributed.is_main():
+        return 0
     if args.save:
         edited.save_pretrained(args.save)  # before evaluation: a crash there does not lose the edit
+    t0 = time.time()
+    reference = locality_reference(model, tok, evaluated, hp.eval_batch_size)
+    pre = evaluate_requests(model, tok, evaluated, reference, hp.eval_batch_size)
+    pre_s = time.time() - t0
     t0 = time.time()
     post = evaluate_requests(edited, tok, evaluated, reference, hp.eval_batch_size)
     post_s = time.time() - t0

@@ -69,18 +69,30 @@ class FamiliarityNet(nn.Module):
 
 
 def train_familiarity(net: FamiliarityNet, pos: torch.Tensor, labels: torch.Tensor, neg: torch.Tensor, hp,
-                      progress: bool = True) -> dict:
-    """Cross-entropy to each positive's class + ``familiarity_outlier_weight`` × cross-entropy of negatives to uniform."""
+                      progress: bool = True, checkpoint=None) -> dict:
+    """Cross-entropy to each positive's class + ``familiarity_outlier_weight`` × cross-entropy of negatives to uniform.
+
+    ``checkpoint`` (a ``megedit.checkpoint.RunCheckpoint``): the training state is saved after every epoch (at 10,000
+    edits one takes minutes on a CPU) and training resumes from it.
+    """
     g = torch.Generator().manual_seed(hp.seed)
     opt = torch.optim.AdamW(net.parameters(), lr=hp.familiarity_lr)
     steps_per_epoch = max(1, math.ceil(len(pos) / hp.familiarity_batch_size))
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, hp.familiarity_lr, total_steps=hp.familiarity_epochs * steps_per_epoch)
     device = net.epsilon.device
+    first_epoch, loss_value, start = 0, math.nan, time.time()
+    name = "familiarity.pt"
+    if checkpoint is not None and checkpoint.has(name):
+        state = checkpoint.load_state(name)
+        net.load_state_dict(state["net"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["lr_schedule"])
+        g.set_state(state["rng"])
+        first_epoch, loss_value = state["epoch"], state["loss"]
     net.train()
-    losses, start = [], time.time()
-    bar = tqdm(range(hp.familiarity_epochs), desc="stage 2: familiarity", disable=not progress)
+    bar = tqdm(range(first_epoch, hp.familiarity_epochs), desc="stage 2: familiarity", disable=not progress)
     try:
-        for _ in bar:
+        for epoch in bar:
             order = torch.randperm(len(pos), generator=g)
             for s in range(0, len(pos), hp.familiarity_batch_size):
                 idx = order[s: s + hp.familiarity_batch_size]
@@ -93,13 +105,17 @@ def train_familiarity(net: FamiliarityNet, pos: torch.Tensor, labels: torch.Tens
                 loss.backward()
                 opt.step()
                 sched.step()
-                losses.append(loss.item())
-            if not math.isfinite(losses[-1]):
-                raise RuntimeError(f"familiarity training diverged (loss {losses[-1]})")
-            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+            loss_value = loss.item()
+            if not math.isfinite(loss_value):  # checked before the checkpoint: a diverged state is never saved
+                raise RuntimeError(f"familiarity training diverged (loss {loss_value})")
+            if checkpoint is not None:
+                checkpoint.save_state(name, {"net": net.state_dict(), "optimizer": opt.state_dict(),
+                                             "lr_schedule": sched.state_dict(), "rng": g.get_state(),
+                                             "epoch": epoch + 1, "loss": loss_value})
+            bar.set_postfix(loss=f"{loss_value:.3f}")
     finally:
         net.eval()
-    return {"loss": losses[-1], "seconds": time.time() - start, "positives": len(pos), "negatives": len(neg)}
+    return {"loss": loss_value, "seconds": time.time() - start, "positives": len(pos), "negatives": len(neg)}
 
 
 def _midpoints(values: torch.Tensor) -> torch.Tensor:

@@ -122,7 +122,7 @@ def _stage2_gate(emb: dict, texts: TrainingTexts, n_edits: int, hp: MeGHyperPara
         return familiarity.requires_grad_(False), ckpt.load_json("stage2.json")
     familiarity.keys.copy_(emb["pos"][bare].half())
     report = {"familiarity": train_familiarity(familiarity, emb["pos"], edit_class[texts.positive_edit], emb["neg"],
-                                               hp, progress)}
+                                               hp, progress, checkpoint=ckpt)}
     calib_unfamiliar = {k: emb[f"calib_{k}"] for k in texts.calib_unfamiliar}
     if calib_unfamiliar and any(len(v) for v in calib_unfamiliar.values()):
         report["gate"] = choose_thresholds(familiarity, emb["calib"], calib_unfamiliar, hp.familiarity_epsilon)
@@ -188,11 +188,15 @@ def train_meg(model, tok, requests: list[dict], hp: MeGHyperParams, progress: bo
         report["encoder"] = encoder_report
     report["seconds"]["stage1_encoder"] = ckpt.seconds()
 
-    t0 = time.time()
-    groups = {"pos": texts.positives, "neg": texts.negatives, "calib": texts.calib_familiar,
-              **{f"calib_{k}": v for k, v in texts.calib_unfamiliar.items()}}
-    emb = _embed_all(encoder, groups, hp.eval_batch_size * 4)
-    report["seconds"]["embed"] = time.time() - t0
+    ckpt.begin("embed")
+    if ckpt.has("embeddings.safetensors"):
+        emb = ckpt.load_tensors("embeddings.safetensors")
+    else:
+        groups = {"pos": texts.positives, "neg": texts.negatives, "calib": texts.calib_familiar,
+                  **{f"calib_{k}": v for k, v in texts.calib_unfamiliar.items()}}
+        emb = _embed_all(encoder, groups, hp.eval_batch_size * 4)
+        ckpt.save_tensors("embeddings.safetensors", emb)
+    report["seconds"]["embed"] = ckpt.seconds()
 
     ckpt.begin("stage2_familiarity")
     familiarity, gate_report = _stage2_gate(emb, texts, len(requests), hp, device, ckpt, progress)

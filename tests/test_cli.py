@@ -212,14 +212,36 @@ def test_eval_n_out_of_range_before_loading(tmp_path, capsys, no_model_loading, 
     assert_one_line_error(rc, err, elapsed, "--eval-n must be between 1 and the number of edits (4)", str(eval_n))
 
 
+def with_a_conflicting_edit(path: Path) -> Path:
+    """The edits file plus a 5th record that edits the 2nd one's prompt to another target."""
+    records = json.loads(path.read_text())
+    records.append({**records[1], "case_id": 99, "target_new": "Judaism"})
+    path.write_text(json.dumps(records))
+    return path
+
+
+def test_conflicting_edits_refused_before_loading_unless_dropped(tmp_path, capsys, no_model_loading):
+    from conftest import tiny_config
+
+    tiny_config("llama", 50257).save_pretrained(tmp_path / "m")
+    data = with_a_conflicting_edit(edits_file(tmp_path))
+    rc, err, elapsed = run_edit(capsys, tiny_yaml(tmp_path, tmp_path / "m"), "--data", data, "--n", 5)
+    assert_one_line_error(rc, err, elapsed, "is edited twice with conflicting targets 'Islam' (case_id 11) and "
+                          "'Judaism' (case_id 99); drop one of them")
+
+
 def test_eval_n_edits_all_and_evaluates_a_seeded_sample(tmp_path, capsys):
-    """--eval-n 2 of 4: all four are edited (the fits), two drawn with the seed are scored, and the record says which."""
+    """--eval-n 2 of 4 (5 records, one dropped as conflicting): all four are edited (the fits), two drawn with the
+    seed are scored, and the record says which, and which was dropped."""
     model_dir = tiny_model_dir(tmp_path)
-    rc = main(["edit", str(tiny_yaml(tmp_path, model_dir)), "--data", str(edits_file(tmp_path)), "--n", "4",
+    data = with_a_conflicting_edit(edits_file(tmp_path))
+    rc = main(["edit", str(tiny_yaml(tmp_path, model_dir)), "--data", str(data), "--n", "5", "--drop-conflicts",
                "--eval-n", "2", "--out", str(tmp_path / "out")])
     out = capsys.readouterr().out
     assert rc == 0
+    assert "--drop-conflicts: left out 1 of 5 requests" in out and "case_ids [99]" in out
     results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["dropped_conflicting_case_ids"] == [99]
     assert results["n"] == 4 and results["n_evaluated"] == 2 and len(results["per_request_post"]) == 2
     assert results["report"]["n_edits"] == 4  # trained on all four
     from megedit.cli_edit import evaluation_sample

@@ -220,6 +220,18 @@ def test_conflicting_duplicate_targets():
         validate_requests([req(), req(prompt="Paris is in", subject="Paris"), req(case_id=9, target_new="Berlin")])
 
 
+def test_drop_conflicts_keeps_each_prompts_first_edit():
+    from megedit.data import drop_conflicts
+
+    reqs = [req(), req(prompt="Paris is in", subject="Paris"), req(case_id=9, target_new="Berlin"), req(case_id=10),
+            req(case_id=11, target_new="Oslo")]
+    kept, dropped = drop_conflicts(reqs)
+    assert kept == [reqs[0], reqs[1], reqs[3]]  # an exact repeat of the first edit is no conflict
+    assert dropped == [2, 4]
+    assert validate_requests(kept) == kept
+    assert drop_conflicts(reqs[:2]) == (reqs[:2], [])
+
+
 def test_non_dict_request():
     with pytest.raises(ValueError, match="request 0 is a str"):
         validate_requests(["The capital of France is"])

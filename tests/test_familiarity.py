@@ -124,3 +124,44 @@ def test_training_and_thresholds_are_deterministic(gate):
     assert all(torch.equal(state[k], state2[k]) for k in state)
     net3, stats3, _, _ = trained_gate(seed=1)
     assert stats3["loss"] != stats["loss"]
+
+
+def test_training_interrupted_after_an_epoch_resumes_to_the_same_gate(tmp_path):
+    """A run killed between epochs (here: its 4th save raises) resumes from the last saved epoch and ends with the
+    parameters of an uninterrupted run, bit for bit."""
+    from megedit.checkpoint import RunCheckpoint
+
+    _, views, near, _ = synthetic()
+    hp = hparams(familiarity_epochs=6)
+    labels = torch.randint(CLASSES, (EDITS,), generator=torch.Generator().manual_seed(0)).repeat_interleave(8)
+
+    def fresh_net():
+        torch.manual_seed(0)
+        return FamiliarityNet(DIM, hp.familiarity_hidden, hp.familiarity_blocks, CLASSES)
+
+    reference = fresh_net()
+    ref_stats = train_familiarity(reference, views["train"], labels, near["train"], hp, progress=False)
+
+    ckpt = RunCheckpoint(tmp_path, {"stage2_familiarity": "key"})
+    ckpt.begin("stage2_familiarity")
+    real_save, saves = ckpt.save_state, []
+
+    def save_then_die(name, state):
+        saves.append(state["epoch"])
+        if len(saves) == 4:
+            raise KeyboardInterrupt  # the process stops before epoch 4's state is written
+        real_save(name, state)
+
+    ckpt.save_state = save_then_die
+    with pytest.raises(KeyboardInterrupt):
+        train_familiarity(fresh_net(), views["train"], labels, near["train"], hp, progress=False, checkpoint=ckpt)
+    assert torch.load(ckpt.path("familiarity.pt"), weights_only=True)["epoch"] == 3
+
+    resumed_epochs = []
+    ckpt.save_state = lambda name, state: (resumed_epochs.append(state["epoch"]), real_save(name, state))
+    resumed = fresh_net()
+    stats = train_familiarity(resumed, views["train"], labels, near["train"], hp, progress=False, checkpoint=ckpt)
+    assert resumed_epochs == [4, 5, 6]  # epochs 1-3 came from the checkpoint
+    assert stats["loss"] == ref_stats["loss"]
+    for (name, a), b in zip(reference.state_dict().items(), resumed.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True, msg=name)  # epsilon is NaN until chosen

@@ -47,22 +47,23 @@ def test_killed_twice_then_resumed_equals_an_uninterrupted_run(tmp_path, monkeyp
     chunks = len(EDITS) // hp.fit_batch_edits  # 4 chunks of one edit
     reference, ref_report, ref_events = in_process_run(tmp_path, monkeypatch, tiny_hparams(tmp_path))  # no checkpoints
     steps_per_epoch = ref_report["generator"]["steps"] // hp.gen_epochs
-    assert ref_events == {"encoder": 1, "familiarity": 1, "fit": chunks, "gen": hp.gen_epochs * steps_per_epoch}
+    assert ref_events == {"encoder": 1, "embed": 1, "familiarity": 1, "fit": chunks,
+                          "gen": hp.gen_epochs * steps_per_epoch}
 
     # 1st run: killed inside the 3rd chunk of neurons
     events = killed_run(tmp_path, "fit:3")
-    assert events == {"encoder": 1, "familiarity": 1, "fit": 3}
+    assert events == {"encoder": 1, "embed": 1, "familiarity": 1, "fit": 3}
     (run_dir,) = (tmp_path / "checkpoints").iterdir()  # one folder per run
     neurons = stage_dir(run_dir, "stage3_neurons") / "neurons"
     assert sorted(p.name for p in neurons.iterdir()) == ["from_000000.safetensors", "from_000001.safetensors"]
     assert not (stage_dir(run_dir, "stage4_generator") / "generator.pt").exists()
     spent_1 = by_stage(json.loads((run_dir / "seconds.json").read_text()))  # what the killed process's saved work cost
-    assert set(spent_1) == {"stage1_encoder", "stage2_familiarity", "stage3_neurons"}
+    assert set(spent_1) == {"stage1_encoder", "embed", "stage2_familiarity", "stage3_neurons"}
 
     # 2nd run: stages 1-2 and two chunks come from the checkpoint; killed in the 6th generator epoch (saved at 4)
     kill_step = 5 * steps_per_epoch + 1
     events = killed_run(tmp_path, f"gen:{kill_step}")
-    assert events == {"fit": chunks - 2, "gen": kill_step}  # no encoder, no familiarity, no chunk fitted twice
+    assert events == {"fit": chunks - 2, "gen": kill_step}  # no encoder, embedding, gate or chunk done twice
     assert torch.load(stage_dir(run_dir, "stage4_generator") / "generator.pt", weights_only=True)["epoch"] == 4
 
     # 3rd run, finishes: only the generator's epochs 5.. are trained
@@ -119,7 +120,7 @@ def test_run_key_reads_what_training_reads():
         assert other_run == run
         return {s for s in stages if other[s] != stages[s]}
 
-    assert changed_stages(encoder_lr=1e-4) == {"stage1_encoder", "stage2_familiarity", "stage4_generator"}
+    assert changed_stages(encoder_lr=1e-4) == {"stage1_encoder", "embed", "stage2_familiarity", "stage4_generator"}
     assert changed_stages(familiarity_epochs=7) == {"stage2_familiarity"}
     assert changed_stages(fit_steps=hp.fit_steps + 1) == {"stage3_neurons", "stage4_generator"}
     assert changed_stages(gen_epochs=7) == changed_stages(dit_depth=5) == {"stage4_generator"}

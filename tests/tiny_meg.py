@@ -65,8 +65,9 @@ def states_equal(a: torch.nn.Module, b: torch.nn.Module) -> bool:
 
 
 def count_stage_calls(set_attribute, on_call) -> None:
-    """Wrap each stage's unit of work so that ``on_call(event)`` runs first: "encoder" (stage 1), "familiarity"
-    (stage 2), "fit" (one chunk of neurons), "gen" (one generator training step).
+    """Wrap each stage's unit of work so that ``on_call(event)`` runs first: "encoder" (stage 1), "embed" (every
+    training text through the encoder), "familiarity" (stage 2), "fit" (one chunk of neurons), "gen" (one generator
+    training step).
 
     ``set_attribute`` is ``setattr`` (in a worker process) or ``monkeypatch.setattr`` (in a test).
     """
@@ -74,7 +75,8 @@ def count_stage_calls(set_attribute, on_call) -> None:
     import megedit.meg_main as meg_main
     from megedit.generator import NeuronGenerator
 
-    units = {"encoder": (meg_main, "tune_encoder"), "familiarity": (meg_main, "train_familiarity"),
+    units = {"encoder": (meg_main, "tune_encoder"), "embed": (meg_main, "_embed_all"),
+             "familiarity": (meg_main, "train_familiarity"),
              "fit": (fitting, "_fit_chunk"), "gen": (NeuronGenerator, "_loss")}
     for event, (owner, name) in units.items():
         real = getattr(owner, name)
