@@ -6,6 +6,8 @@ A config (see ``examples/quick_compare.yaml``)::
     device: cpu                    # optional: replaces each method's device
     data: {format: counterfact, path: counterfact/counterfact-edit.json, offset: 0}
     sizes: [100]                   # numbers of edits; each size uses the first n requests
+                                   # (data: {..., drop_conflicts: true}: less those whose prompt an earlier request
+                                   # edits to another target; without it such requests stop the run before it starts)
     methods:                       # hparams YAMLs, or {hparams: ..., name: ..., set: {field: value}}
       - hparams/MeG/smollm2-135m.yaml
       - hparams/MEMIT/smollm2-135m.yaml
@@ -46,7 +48,7 @@ import torch
 
 from . import report
 from .yaml_file import read_yaml_mapping
-from .data import load_requests, validate_requests
+from .data import drop_conflicts, load_requests, validate_requests
 from .evaluate import METRICS, evaluate_requests, locality_reference
 
 CONFIG_KEYS = {"name", "model", "device", "data", "sizes", "methods", "metrics", "output", "seed", "isolate", "z_cache",
@@ -81,6 +83,7 @@ class RunConfig:
     isolate: bool = True
     z_cache: Path | None = None
     share_z: bool = False
+    drop_conflicts: bool = False
 
 
 def load_config(path: str | Path, output: str | None = None) -> RunConfig:
@@ -95,7 +98,13 @@ def load_config(path: str | Path, output: str | None = None) -> RunConfig:
             raise ValueError(f"{p}: missing key {key!r}")
     data = raw["data"]
     if not isinstance(data, dict) or "path" not in data:
-        raise ValueError(f"{p}: data must be a mapping with 'path' (and optional 'format', 'offset')")
+        raise ValueError(f"{p}: data must be a mapping with 'path' (and optional 'format', 'offset', "
+                         "'drop_conflicts')")
+    unknown = sorted(set(data) - {"path", "format", "offset", "drop_conflicts"})
+    if unknown:
+        raise ValueError(f"{p}: unknown data key(s) {unknown}; known: drop_conflicts, format, offset, path")
+    if not isinstance(data.get("drop_conflicts", False), bool):
+        raise ValueError(f"{p}: data.drop_conflicts must be true or false, got {data['drop_conflicts']!r}")
     sizes = raw["sizes"] if isinstance(raw["sizes"], list) else [raw["sizes"]]
     if not sizes or not all(isinstance(n, int) and n > 0 for n in sizes):
         raise ValueError(f"{p}: sizes must be positive integers, got {raw['sizes']!r}")
@@ -116,7 +125,8 @@ def load_config(path: str | Path, output: str | None = None) -> RunConfig:
     return RunConfig(p, data.get("format", "auto"), str(data["path"]), int(data.get("offset", 0)), sorted(set(sizes)),
                      methods, out, list(metrics), raw.get("model"), raw.get("device"), int(raw.get("seed", 0)),
                      str(raw.get("name", p.stem)), raw.get("isolate", True),
-                     Path(raw.get("z_cache") or out / "z_cache"), raw.get("share_z", False))
+                     Path(raw.get("z_cache") or out / "z_cache"), raw.get("share_z", False),
+                     data.get("drop_conflicts", False))
 
 
 def _method(entry, source: Path) -> Method:
@@ -338,6 +348,8 @@ def fingerprint(cfg: RunConfig, method: Method, n: int) -> str:
     """Everything a result depends on: a finished result is reused only while this stays the same."""
     inputs = {"hparams": Path(method.hparams).read_text(), "set": method.overrides, "model": cfg.model,
               "device": cfg.device, "data": [cfg.data_format, cfg.data_path, cfg.offset], "n": n, "seed": cfg.seed}
+    if cfg.drop_conflicts:  # only when set: results written before the option existed keep their fingerprint
+        inputs["drop_conflicts"] = True
     return hashlib.sha1(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -354,7 +366,13 @@ def run(cfg: RunConfig, progress: bool = True) -> list[dict]:
     """Run every (method, size) not yet done, then write the combined tables and plot; returns all records."""
     from .cli import write_json
 
-    requests = load_requests(cfg.data_format, cfg.data_path, n=max(cfg.sizes), offset=cfg.offset)
+    loaded = load_requests(cfg.data_format, cfg.data_path, n=max(cfg.sizes), offset=cfg.offset)
+    requests, dropped = loaded, []  # dropped: positions among the loaded records
+    if cfg.drop_conflicts:
+        requests, dropped = drop_conflicts(loaded)
+        if dropped:
+            print(f"[megedit run] drop_conflicts: left out {len(dropped)} of {max(cfg.sizes)} requests (an earlier "
+                  "one edits their prompt to another target)")
     requests = validate_requests(requests, need_subject=True)  # MEMIT-style methods locate the subject
     preflight(cfg, requests)
     (cfg.output / "logs").mkdir(parents=True, exist_ok=True)
@@ -371,7 +389,9 @@ def run(cfg: RunConfig, progress: bool = True) -> list[dict]:
                 print(f"[megedit run] {method.name} n={n}: settings changed since {path} was written; running again")
             print(f"[megedit run] {method.name}: {n} edits")
             log_path = cfg.output / "logs" / f"{path.stem}.log"
-            record = {**run_isolated(method, requests[:n], cfg, log_path, progress), "fingerprint": key}
+            left_out = [loaded[i]["case_id"] for i in dropped if i < n]  # the first n records, less these
+            record = {**run_isolated(method, requests[:n - len(left_out)], cfg, log_path, progress),
+                      "dropped_conflicting_case_ids": left_out, "fingerprint": key}
             write_json(path, record)
             records.append(record)
             print(f"[megedit run] {method.name} n={n}: score {record['summary']['score']:.1f}, "

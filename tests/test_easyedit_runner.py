@@ -146,3 +146,38 @@ def test_precomputed_z_are_the_ones_the_run_computes(config, tmp_path, monkeypat
         np.testing.assert_allclose(ahead_z, np.load(f)["v_star"], rtol=1e-5, atol=1e-6)
     assert precompute_z.main([str(ahead), "--check", "2"]) == 0  # nothing left to do; the check recomputes two
     assert json.loads(open(folders[0] / "precompute_z.jsonl").readlines()[-1])["check_relative_difference"][1] < 1e-5
+
+
+def test_drop_conflicts_leaves_out_later_conflicting_records(config, tmp_path, monkeypatch):
+    """data.drop_conflicts: each size takes the file's first n records less those whose prompt an earlier record
+    edits to another target; the result records which; without the option the run stops before any method starts."""
+    raw = yaml.safe_load(config.read_text())
+    records = json.loads(open(raw["data"]["path"]).read())
+    conflicting = {**records[0], "case_id": 99, "target_new": records[0]["target_new"] + " Jr."}
+    data = tmp_path / "edits.json"
+    data.write_text(json.dumps([records[0], conflicting, *records[1:]]))
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({**raw, "data": {"format": "counterfact", "path": str(data)}, "sizes": [2, 4],
+                                    "output": str(tmp_path / "out")}))
+    monkeypatch.setattr(runner, "run_method", lambda *a, **k: pytest.fail("a method ran"))
+    with pytest.raises(ValueError, match=r"case_id 99.*conflicting targets"):
+        runner.run(runner.load_config(path), progress=False)
+
+    path.write_text(yaml.safe_dump({**raw, "data": {"format": "counterfact", "path": str(data), "drop_conflicts": True},
+                                    "sizes": [2, 4], "methods": raw["methods"][:1], "output": str(tmp_path / "out")}))
+    edited = []
+
+    def fake_method(method, requests, *args, **kwargs):
+        edited.append([r["case_id"] for r in requests])
+        return {"summary": {"score": 0.0}, "edit_seconds": 0.0, "peak_rss_gb": 0.0}
+
+    monkeypatch.setattr(runner, "run_method", fake_method)
+    monkeypatch.setattr(runner, "write_outputs", lambda cfg, records: None)
+    done = runner.run(runner.load_config(path), progress=False)
+    assert edited == [[10], [10, 11, 12]]
+    assert [r["dropped_conflicting_case_ids"] for r in done] == [[99], [99]]
+    for bad, match in (({"drop_conflicts": "yes"}, "drop_conflicts must be true or false"),
+                       ({"drop_conflict": True}, r"unknown data key\(s\) \['drop_conflict'\]")):
+        path.write_text(yaml.safe_dump({**raw, "data": {"path": str(data), **bad}}))
+        with pytest.raises(ValueError, match=match):
+            runner.load_config(path)
