@@ -105,9 +105,9 @@ def _embedding_dim(encoder) -> int:
     return getter()
 
 
-def embed(encoder, texts: list[str], batch_size: int = 128) -> torch.Tensor:
+def embed(encoder, texts: list[str], batch_size: int = 128, progress: bool = False) -> torch.Tensor:
     """L2-normalised sentence embeddings (N, dim) on the CPU, in input order."""
     if not texts:
         return torch.zeros(0, _embedding_dim(encoder))
-    emb = encoder.encode(list(texts), batch_size=batch_size, convert_to_tensor=True, show_progress_bar=False)
+    emb = encoder.encode(list(texts), batch_size=batch_size, convert_to_tensor=True, show_progress_bar=progress)
     return F.normalize(emb.float(), dim=-1).cpu()

@@ -83,10 +83,10 @@ def build_texts(requests: list[dict], pool: PseudoEditPool | None, hp: MeGHyperP
     return TrainingTexts(views, positives, positive_edit, negatives, calib_familiar, calib_unfamiliar)
 
 
-def _embed_all(encoder, groups: dict[str, list[str]], batch_size: int) -> dict[str, torch.Tensor]:
+def _embed_all(encoder, groups: dict[str, list[str]], batch_size: int, progress: bool) -> dict[str, torch.Tensor]:
     """Embed every distinct text once."""
     unique = list(dict.fromkeys(t for texts in groups.values() for t in texts))
-    emb = embed(encoder, unique, batch_size)
+    emb = embed(encoder, unique, batch_size, progress=progress)  # 240,000 texts at 10,000 edits: minutes
     index = {t: i for i, t in enumerate(unique)}
     return {k: emb[[index[t] for t in texts]] if texts else emb[:0] for k, texts in groups.items()}
 
@@ -194,7 +194,7 @@ def train_meg(model, tok, requests: list[dict], hp: MeGHyperParams, progress: bo
     else:
         groups = {"pos": texts.positives, "neg": texts.negatives, "calib": texts.calib_familiar,
                   **{f"calib_{k}": v for k, v in texts.calib_unfamiliar.items()}}
-        emb = _embed_all(encoder, groups, hp.eval_batch_size * 4)
+        emb = _embed_all(encoder, groups, hp.eval_batch_size * 4, progress)
         ckpt.save_tensors("embeddings.safetensors", emb)
     report["seconds"]["embed"] = ckpt.seconds()
 
