@@ -145,7 +145,9 @@ def validate_requests(requests, need_subject: bool = False) -> list[dict]:
         if target != r["target_new"]:
             raise ValueError(
                 f"{where}: prompt {r['prompt']!r} is edited twice with conflicting targets {target!r} "
-                f"(case_id {first_id!r}) and {r['target_new']!r} (case_id {r.get('case_id', i)!r}); drop one of them"
+                f"(case_id {first_id!r}) and {r['target_new']!r} (case_id {r.get('case_id', i)!r}); "
+                "drop one of them (megedit.data.drop_conflicts, `megedit edit --drop-conflicts` or a run config's "
+                "data.drop_conflicts keep the first)"
             )
     return requests
 

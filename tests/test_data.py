@@ -216,7 +216,8 @@ def test_subject_needed():
 def test_conflicting_duplicate_targets():
     with pytest.raises(ValueError, match=r"request 2 \(case_id 9\): prompt 'The capital of France is' is edited twice "
                                          r"with conflicting targets 'Rome' \(case_id 7\) and 'Berlin' \(case_id 9\); "
-                                         r"drop one of them$"):
+                                         r"drop one of them \(megedit.data.drop_conflicts, `megedit edit "
+                                         r"--drop-conflicts` or a run config's data.drop_conflicts keep the first\)$"):
         validate_requests([req(), req(prompt="Paris is in", subject="Paris"), req(case_id=9, target_new="Berlin")])
 
 
