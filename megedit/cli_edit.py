@@ -99,10 +99,9 @@ def main(args) -> int:
     if args.device:
         changes["device"] = args.device
     hp = MeGHyperParams.from_dict({**hp.to_dict(), **changes}, source=f"{args.hparams} + overrides")
-    requests = load_requests(args.format, args.data, n=args.n, offset=args.offset)
-    dropped = []
+    loaded = load_requests(args.format, args.data, n=args.n, offset=args.offset)
+    requests, dropped = loaded, []
     if args.drop_conflicts:
-        loaded = requests
         requests, positions = drop_conflicts(loaded)
         dropped = [loaded[i]["case_id"] for i in positions]
         if dropped:

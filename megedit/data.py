@@ -125,7 +125,6 @@ def validate_requests(requests, need_subject: bool = False) -> list[dict]:
     requests = list(requests)
     if not requests:
         raise ValueError("no requests to edit: the request list is empty")
-    seen: dict[str, tuple] = {}  # prompt -> (target_new, case_id) of its first edit
     for i, r in enumerate(requests):
         where = f"request {i} (case_id {r.get('case_id', i)!r})" if isinstance(r, dict) else f"request {i}"
         if not isinstance(r, dict):
@@ -140,15 +139,19 @@ def validate_requests(requests, need_subject: bool = False) -> list[dict]:
             raise ValueError(f"{where} has no 'subject'; this method needs the subject of each edit")
         if subject and subject not in r["prompt"]:
             raise ValueError(f"{where}: subject {subject!r} is not a substring of prompt {r['prompt']!r}")
-        # the same prompt with two answers cannot both hold: reject rather than silently keep one
-        target, first_id = seen.setdefault(r["prompt"], (r["target_new"], r.get("case_id", i)))
-        if target != r["target_new"]:
-            raise ValueError(
-                f"{where}: prompt {r['prompt']!r} is edited twice with conflicting targets {target!r} "
-                f"(case_id {first_id!r}) and {r['target_new']!r} (case_id {r.get('case_id', i)!r}); "
-                "drop one of them (megedit.data.drop_conflicts, `megedit edit --drop-conflicts` or a run config's "
-                "data.drop_conflicts keep the first)"
-            )
+    # the same prompt with two answers cannot both hold: reject rather than silently keep one (drop_conflicts says
+    # what a conflict is)
+    _, dropped = drop_conflicts(requests)
+    if dropped:
+        i = dropped[0]
+        r = requests[i]
+        j, first = next((j, f) for j, f in enumerate(requests) if f["prompt"] == r["prompt"])
+        raise ValueError(
+            f"request {i} (case_id {r.get('case_id', i)!r}): prompt {r['prompt']!r} is edited twice with conflicting "
+            f"targets {first['target_new']!r} (case_id {first.get('case_id', j)!r}) and {r['target_new']!r} "
+            f"(case_id {r.get('case_id', i)!r}); drop one of them (megedit.data.drop_conflicts, `megedit edit "
+            "--drop-conflicts` or a run config's data.drop_conflicts keep the first)"
+        )
     return requests
 
 
