@@ -90,7 +90,8 @@ def train_familiarity(net: FamiliarityNet, pos: torch.Tensor, labels: torch.Tens
         g.set_state(state["rng"])
         first_epoch, loss_value = state["epoch"], state["loss"]
     net.train()
-    bar = tqdm(range(first_epoch, hp.familiarity_epochs), desc="stage 2: familiarity", disable=not progress)
+    bar = tqdm(range(first_epoch, hp.familiarity_epochs), initial=first_epoch, total=hp.familiarity_epochs,
+               desc="stage 2: familiarity", disable=not progress)
     try:
         for epoch in bar:
             order = torch.randperm(len(pos), generator=g)

@@ -163,8 +163,9 @@ def fit_neurons(model, tok, views: list[list[str]], targets: list[str], hp, prog
     ranks, rank = distributed.world_size(), distributed.rank()
     trainable = [p for p in model.parameters() if p.requires_grad]
     model.requires_grad_(False)  # the LLM is frozen: no weight gradients, only the neuron's
-    bar = tqdm(total=len(views), desc="stage 3: fit neurons", unit="edit", disable=not progress)
-    bar.update(sum(len(p.ok) for p in parts.values()))
+    # initial=: a resumed run's checkpointed edits count toward the position, not toward the rate (or the ETA)
+    bar = tqdm(total=len(views), initial=sum(len(p.ok) for p in parts.values()), desc="stage 3: fit neurons",
+               unit="edit", disable=not progress)
     try:
         for first in range(0, len(todo), ranks):
             round_starts, part = todo[first:first + ranks], None  # one chunk per rank (the last round: maybe fewer)

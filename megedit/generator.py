@@ -132,7 +132,8 @@ class NeuronGenerator(nn.Module):
         ranks, rank = distributed.world_size(), distributed.rank()
         distributed.broadcast_tensors(self.net.state_dict().values())  # as DDP does: every rank starts from rank 0's
         self.net.train()
-        bar = tqdm(range(first_epoch, epochs), desc="stage 4: train generator", disable=not progress)
+        bar = tqdm(range(first_epoch, epochs), initial=first_epoch, total=epochs, desc="stage 4: train generator",
+                   disable=not progress)
         for epoch in bar:
             total = torch.zeros((), device=device)
             for idx in torch.randperm(M, generator=g, device=device).split(hp.gen_batch_size):
