@@ -100,7 +100,7 @@ def train_familiarity(net: FamiliarityNet, pos: torch.Tensor, labels: torch.Tens
                 loss = F.cross_entropy(net(pos[idx].to(device)), labels[idx].to(device))
                 if len(neg) and hp.familiarity_outlier_weight > 0:
                     nidx = torch.randint(len(neg), (len(idx),), generator=g)
-                    logp = F.log_softmax(net(neg[nidx].to(device)), dim=-1)
+                    logp = F.log_softmax(net(neg[nidx].to(device)).float(), dim=-1)  # float: autocast keeps it bf16
                     loss = loss + hp.familiarity_outlier_weight * (-logp.mean(-1)).mean()
                 opt.zero_grad()
                 loss.backward()

@@ -12,6 +12,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .precision import PRECISIONS
 from .yaml_file import read_yaml_mapping
 
 
@@ -59,6 +60,9 @@ class MeGHyperParams:
     # module name -> device); every weight must land on a device (no cpu/disk offload)
     device_map: str | dict | None = None
     seed: int = 0
+    # matmul precision of stages 2-4 and of embedding the training texts (torch.autocast; see megedit/precision.py):
+    # "float32", "bfloat16", or "auto" (bfloat16 where the device multiplies it natively). Query time is unaffected.
+    training_precision: str = "float32"
     # EasyEdit's editor reads these
     max_length: int = 64
     batch_size: int = 1
@@ -152,7 +156,8 @@ class MeGHyperParams:
         choices = {"generator": ("dit", "mlp"), "gen_scheduler": ("ddim", "ddpm"),
                    "gen_timestep_sampling": ("uniform", "logit_normal"),
                    "gen_prediction_type": ("v_prediction", "epsilon", "sample"),
-                   "pseudo_edit_format": ("auto", "counterfact", "counterfact-rome", "zsre")}
+                   "pseudo_edit_format": ("auto", "counterfact", "counterfact-rome", "zsre"),
+                   "training_precision": PRECISIONS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise HParamsError(f"hparams field {name!r} must be one of {allowed}, got {getattr(self, name)!r}")

@@ -31,6 +31,7 @@ from .hparams import MeGHyperParams
 from .loading import load_encoder
 from .model import MeGEdit, MeGModel
 from .neuron import remove_neuron
+from .precision import autocast_dtype, training_autocast
 
 log = logging.getLogger(__name__)
 
@@ -121,8 +122,9 @@ def _stage2_gate(emb: dict, texts: TrainingTexts, n_edits: int, hp: MeGHyperPara
         set_rng_state({k[len("rng."):]: v for k, v in saved.items() if k.startswith("rng.")})
         return familiarity.requires_grad_(False), ckpt.load_json("stage2.json")
     familiarity.keys.copy_(emb["pos"][bare].half())
-    report = {"familiarity": train_familiarity(familiarity, emb["pos"], edit_class[texts.positive_edit], emb["neg"],
-                                               hp, progress, checkpoint=ckpt)}
+    with training_autocast(hp.training_precision, device):  # the thresholds below: in query time's precision
+        report = {"familiarity": train_familiarity(familiarity, emb["pos"], edit_class[texts.positive_edit],
+                                                   emb["neg"], hp, progress, checkpoint=ckpt)}
     calib_unfamiliar = {k: emb[f"calib_{k}"] for k in texts.calib_unfamiliar}
     if calib_unfamiliar and any(len(v) for v in calib_unfamiliar.values()):
         report["gate"] = choose_thresholds(familiarity, emb["calib"], calib_unfamiliar, hp.familiarity_epsilon)
@@ -170,7 +172,9 @@ def train_meg(model, tok, requests: list[dict], hp: MeGHyperParams, progress: bo
     torch.manual_seed(hp.seed)
     # the edited MLP's device: with a device_map it may not be the embeddings', and the neuron's weights go there
     device = next(getattr(decoder_layers(model)[hp.layer], arch_of(model).mlp).parameters()).device
-    report: dict = {"n_edits": len(requests), "seed": hp.seed, "seconds": {}}
+    precision = autocast_dtype(hp.training_precision, device)  # checked here, before any stage runs
+    report: dict = {"n_edits": len(requests), "seed": hp.seed, "seconds": {},
+                    "training_autocast": str(precision).removeprefix("torch.") if precision else "float32"}
     if distributed.world_size() > 1:
         report["world_size"] = distributed.world_size()
     if ckpt.root is not None:
@@ -194,7 +198,8 @@ def train_meg(model, tok, requests: list[dict], hp: MeGHyperParams, progress: bo
     else:
         groups = {"pos": texts.positives, "neg": texts.negatives, "calib": texts.calib_familiar,
                   **{f"calib_{k}": v for k, v in texts.calib_unfamiliar.items()}}
-        emb = _embed_all(encoder, groups, hp.eval_batch_size * 4, progress)
+        with training_autocast(hp.training_precision, device):
+            emb = _embed_all(encoder, groups, hp.eval_batch_size * 4, progress)
         ckpt.save_tensors("embeddings.safetensors", emb)
     report["seconds"]["embed"] = ckpt.seconds()
 
@@ -208,7 +213,8 @@ def train_meg(model, tok, requests: list[dict], hp: MeGHyperParams, progress: bo
     ckpt.begin("stage3_neurons")
     # the gate and the generator learn from every view; the fits may use fewer (stage 3's cost is linear in views)
     fit_views = [v[:hp.fit_views] for v in texts.views] if hp.fit_views else texts.views
-    fit = fit_neurons(model, tok, fit_views, [r["target_new"] for r in requests], hp, progress, checkpoint=ckpt)
+    with training_autocast(hp.training_precision, device):
+        fit = fit_neurons(model, tok, fit_views, [r["target_new"] for r in requests], hp, progress, checkpoint=ckpt)
     report["fit"] = _fit_report(fit, requests)
     report["seconds"]["stage3_neurons"] = ckpt.seconds()
 
@@ -217,8 +223,9 @@ def train_meg(model, tok, requests: list[dict], hp: MeGHyperParams, progress: bo
     ok = fit.ok.clone()
     keep = torch.tensor([bool(ok[e]) for e in texts.positive_edit])
     remap = torch.cumsum(ok.long(), 0) - 1  # edit index -> row of the ok-only target table
-    report["generator"] = generator.train_on(emb["pos"][keep], remap[torch.tensor(texts.positive_edit)[keep]],
-                                             fit.weights[ok], hp, progress, checkpoint=ckpt)
+    with training_autocast(hp.training_precision, device):
+        report["generator"] = generator.train_on(emb["pos"][keep], remap[torch.tensor(texts.positive_edit)[keep]],
+                                                 fit.weights[ok], hp, progress, checkpoint=ckpt)
     generator.requires_grad_(False)
     report["seconds"]["stage4_generator"] = ckpt.seconds()
     return MeGEdit(encoder, familiarity, generator, hp.layer, hp, base_fingerprint=fingerprint), report
