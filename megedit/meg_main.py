@@ -109,7 +109,7 @@ def _stage1_encoder(pool: PseudoEditPool | None, hp: MeGHyperParams, device, ckp
 
 
 def _stage2_gate(emb: dict, texts: TrainingTexts, n_edits: int, hp: MeGHyperParams, device, ckpt: RunCheckpoint,
-                 progress: bool) -> tuple[FamiliarityNet, dict]:
+                 progress: bool, autocast: torch.dtype | None) -> tuple[FamiliarityNet, dict]:
     """The familiarity gate with its thresholds, and {"familiarity": training report, "gate": thresholds report}."""
     g = torch.Generator().manual_seed(hp.seed)
     edit_class = torch.randint(hp.familiarity_classes, (n_edits,), generator=g)
@@ -122,7 +122,7 @@ def _stage2_gate(emb: dict, texts: TrainingTexts, n_edits: int, hp: MeGHyperPara
         set_rng_state({k[len("rng."):]: v for k, v in saved.items() if k.startswith("rng.")})
         return familiarity.requires_grad_(False), ckpt.load_json("stage2.json")
     familiarity.keys.copy_(emb["pos"][bare].half())
-    with training_autocast(hp.training_precision, device):  # the thresholds below: in query time's precision
+    with training_autocast(autocast, device):  # the thresholds below: in query time's precision
         report = {"familiarity": train_familiarity(familiarity, emb["pos"], edit_class[texts.positive_edit],
                                                    emb["neg"], hp, progress, checkpoint=ckpt)}
     calib_unfamiliar = {k: emb[f"calib_{k}"] for k in texts.calib_unfamiliar}
@@ -172,9 +172,9 @@ def train_meg(model, tok, requests: list[dict], hp: MeGHyperParams, progress: bo
     torch.manual_seed(hp.seed)
     # the edited MLP's device: with a device_map it may not be the embeddings', and the neuron's weights go there
     device = next(getattr(decoder_layers(model)[hp.layer], arch_of(model).mlp).parameters()).device
-    precision = autocast_dtype(hp.training_precision, device)  # checked here, before any stage runs
+    autocast = autocast_dtype(hp.training_precision, device)  # resolved once, before any stage runs
     report: dict = {"n_edits": len(requests), "seed": hp.seed, "seconds": {},
-                    "training_autocast": str(precision).removeprefix("torch.") if precision else "float32"}
+                    "training_autocast": str(autocast).removeprefix("torch.") if autocast else "float32"}
     if distributed.world_size() > 1:
         report["world_size"] = distributed.world_size()
     if ckpt.root is not None:
@@ -198,13 +198,13 @@ def train_meg(model, tok, requests: list[dict], hp: MeGHyperParams, progress: bo
     else:
         groups = {"pos": texts.positives, "neg": texts.negatives, "calib": texts.calib_familiar,
                   **{f"calib_{k}": v for k, v in texts.calib_unfamiliar.items()}}
-        with training_autocast(hp.training_precision, device):
+        with training_autocast(autocast, device):
             emb = _embed_all(encoder, groups, hp.eval_batch_size * 4, progress)
         ckpt.save_tensors("embeddings.safetensors", emb)
     report["seconds"]["embed"] = ckpt.seconds()
 
     ckpt.begin("stage2_familiarity")
-    familiarity, gate_report = _stage2_gate(emb, texts, len(requests), hp, device, ckpt, progress)
+    familiarity, gate_report = _stage2_gate(emb, texts, len(requests), hp, device, ckpt, progress, autocast)
     report.update(gate_report)
     # stages 1-2 ran on every rank (cheap); rank 0's results make every rank's identical bit for bit
     distributed.broadcast_tensors([*encoder.state_dict().values(), *familiarity.state_dict().values(), *emb.values()])
@@ -213,7 +213,7 @@ def train_meg(model, tok, requests: list[dict], hp: MeGHyperParams, progress: bo
     ckpt.begin("stage3_neurons")
     # the gate and the generator learn from every view; the fits may use fewer (stage 3's cost is linear in views)
     fit_views = [v[:hp.fit_views] for v in texts.views] if hp.fit_views else texts.views
-    with training_autocast(hp.training_precision, device):
+    with training_autocast(autocast, device):
         fit = fit_neurons(model, tok, fit_views, [r["target_new"] for r in requests], hp, progress, checkpoint=ckpt)
     report["fit"] = _fit_report(fit, requests)
     report["seconds"]["stage3_neurons"] = ckpt.seconds()
@@ -223,7 +223,7 @@ def train_meg(model, tok, requests: list[dict], hp: MeGHyperParams, progress: bo
     ok = fit.ok.clone()
     keep = torch.tensor([bool(ok[e]) for e in texts.positive_edit])
     remap = torch.cumsum(ok.long(), 0) - 1  # edit index -> row of the ok-only target table
-    with training_autocast(hp.training_precision, device):
+    with training_autocast(autocast, device):
         report["generator"] = generator.train_on(emb["pos"][keep], remap[torch.tensor(texts.positive_edit)[keep]],
                                                  fit.weights[ok], hp, progress, checkpoint=ckpt)
     generator.requires_grad_(False)

@@ -38,9 +38,8 @@ def autocast_dtype(precision: str, device) -> torch.dtype | None:
     return None
 
 
-def training_autocast(precision: str, device):
-    """A context manager: autocast on ``device`` at ``autocast_dtype(precision, device)``, or nothing."""
-    dtype = autocast_dtype(precision, device)
+def training_autocast(dtype: torch.dtype | None, device):
+    """A context manager: autocast on ``device`` to ``dtype`` (from ``autocast_dtype``), or nothing for None."""
     if dtype is None:
         return contextlib.nullcontext()
     # cache_enabled=False: autocast caches the low-precision copy of each trainable weight until its context exits;

@@ -85,7 +85,7 @@ def test_bfloat16_training_autocasts_the_heavy_stages_only(tmp_path, monkeypatch
 @pytest.mark.parametrize("arch", FIT_ARCHS)
 def test_neurons_fitted_under_autocast_work_in_the_float32_model(arch, gpt2_tokenizer):
     model = model_for_fitting(arch)
-    with training_autocast("bfloat16", "cpu"):
+    with training_autocast(torch.bfloat16, "cpu"):
         res = fit_neurons(model, gpt2_tokenizer, VIEWS, TARGETS, fitting_hparams(), progress=False)
     assert res.ok.all()
     for e, views in enumerate(VIEWS):
@@ -98,7 +98,7 @@ def test_generator_trained_under_autocast_memorises():
     conds, targets = task()
     hp = generator_hparams(gen_epochs=600)
     gen = NeuronGenerator(P, C, hp)
-    with training_autocast("bfloat16", "cpu"):  # one context over every step, as train_meg runs it
+    with training_autocast(torch.bfloat16, "cpu"):  # one context over every step, as train_meg runs it
         stats = gen.train_on(conds, torch.arange(E), targets, hp, progress=False)
     assert stats["loss"] < 0.2
     assert relative_error(gen.sample(conds, steps=1), targets) < 0.45  # sampled in float32
