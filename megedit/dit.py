@@ -9,22 +9,14 @@ alone learn that map slowly (it took ~3x more steps to reach the same error on 3
 """
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps, get_1d_sincos_pos_embed_from_grid
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
-
-def attention_kernels(x: torch.Tensor):
-    """On a CPU under bfloat16 autocast, PyTorch's flash-attention kernel is slower than plain math for DiT's ~10
-    tokens (one training step at batch 256: 0.205 s with it, 0.133 s without); elsewhere PyTorch chooses."""
-    if x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
-        return sdpa_kernel(SDPBackend.MATH)
-    return contextlib.nullcontext()
+from .precision import attention_kernels
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

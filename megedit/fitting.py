@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from . import distributed
 from .arch import arch_of, decoder_layers, hidden_size, neuron_size
 from .neuron import NeuronBatch, active_neurons, inject_neuron
+from .precision import attention_kernels
 from .upper import TailStack, split_tail
 
 
@@ -171,8 +172,9 @@ def fit_neurons(model, tok, views: list[list[str]], targets: list[str], hp, prog
             round_starts, part = todo[first:first + ranks], None  # one chunk per rank (the last round: maybe fewer)
             if rank < len(round_starts):
                 start = round_starts[rank]
-                part, signs = _fit_chunk(model, tok, neuron, mlp, hp.layer, views[start:start + chunk_edits],
-                                         targets[start:start + chunk_edits], init, hp)
+                with attention_kernels(next(mlp.parameters())):
+                    part, signs = _fit_chunk(model, tok, neuron, mlp, hp.layer, views[start:start + chunk_edits],
+                                             targets[start:start + chunk_edits], init, hp)
                 part.weights = canonicalise(part.weights, signs, spec.form, d)
             for start, fitted in zip(round_starts, distributed.all_gather_objects(part)):
                 parts[start] = fitted
