@@ -8,6 +8,9 @@ def add_parser(sub) -> None:
     p = sub.add_parser("run", help="compare editing methods (hparams YAMLs) on the same requests; see examples/")
     p.add_argument("config", help="run config YAML, e.g. examples/quick_compare.yaml")
     p.add_argument("--output", help="overrides the config's output folder")
+    p.add_argument("--sizes", type=int, nargs="+", metavar="N",
+                   help="numbers of edits to run instead of the config's sizes, e.g. --sizes 100 (the rest later: "
+                        "finished sizes and cached z vectors are reused)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=main)
 
@@ -16,7 +19,7 @@ def main(args) -> int:
     from .report import markdown_table, ordered, result_row
     from .runner import load_config, run
 
-    cfg = load_config(args.config, output=args.output)
+    cfg = load_config(args.config, output=args.output, sizes=args.sizes)
     start = time.time()
     records = ordered([m.name for m in cfg.methods], run(cfg, progress=not args.no_progress))
     print(markdown_table([result_row(r, cfg.metrics) for r in records]))

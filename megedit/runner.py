@@ -86,8 +86,9 @@ class RunConfig:
     drop_conflicts: bool = False
 
 
-def load_config(path: str | Path, output: str | None = None) -> RunConfig:
-    """Read and check a run config; every error names the key to fix."""
+def load_config(path: str | Path, output: str | None = None, sizes: list[int] | None = None) -> RunConfig:
+    """Read and check a run config; every error names the key to fix. ``sizes`` replaces the config's (a run of
+    some of its sizes now, the rest later: finished results and z vectors are reused, sizes are not in their keys)."""
     p = Path(path)
     raw = read_yaml_mapping(p, "run config")
     unknown = sorted(set(raw) - CONFIG_KEYS)
@@ -105,9 +106,13 @@ def load_config(path: str | Path, output: str | None = None) -> RunConfig:
         raise ValueError(f"{p}: unknown data key(s) {unknown}; known: drop_conflicts, format, offset, path")
     if not isinstance(data.get("drop_conflicts", False), bool):
         raise ValueError(f"{p}: data.drop_conflicts must be true or false, got {data['drop_conflicts']!r}")
-    sizes = raw["sizes"] if isinstance(raw["sizes"], list) else [raw["sizes"]]
-    if not sizes or not all(isinstance(n, int) and n > 0 for n in sizes):
-        raise ValueError(f"{p}: sizes must be positive integers, got {raw['sizes']!r}")
+    given = raw["sizes"] if sizes is None else sizes
+    if not isinstance(given, list):
+        given = [given]
+    if not given or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in given):
+        where = f"{p}: sizes" if sizes is None else "--sizes"
+        raise ValueError(f"{where} must be positive integers, got {given!r}")
+    sizes = given
     metrics = raw.get("metrics", list(REPORTABLE))
     bad = sorted(set(metrics) - set(REPORTABLE))
     if bad:

@@ -70,6 +70,7 @@ def test_run_writes_tables_plot_and_resumes(config, monkeypatch):
 
     monkeypatch.setattr(runner, "run_method", recording)
     assert len(runner.run(cfg, progress=False)) == 6 and ran == []  # everything was done: nothing runs again
+    assert len(runner.run(runner.load_config(config, sizes=[3]), progress=False)) == 3 and ran == []  # --sizes 3: reused
     cfg.methods[2].overrides["L2"] = 7.0  # a changed setting invalidates that method's results only
     again = runner.run(cfg, progress=False)
     assert ran == [("AlphaEdit (L2=5)", 2), ("AlphaEdit (L2=5)", 3)]
@@ -87,6 +88,8 @@ def test_config_errors_name_the_key(tmp_path):
     path.write_text(yaml.safe_dump({"data": {"path": "x.json"}, "sizes": [1], "methods": ["nope.yaml"]}))
     with pytest.raises(FileNotFoundError, match="nope.yaml"):
         runner.load_config(path)
+    with pytest.raises(ValueError, match=r"--sizes must be positive integers, got \[100, 0\]"):
+        runner.load_config(path, sizes=[100, 0])
 
 
 def test_every_method_is_checked_before_the_first_edits(config, monkeypatch):
