@@ -83,6 +83,16 @@ def manual_route(parts, texts, familiar_rows) -> NeuronBatch:
     return NeuronBatch(rows, generator.sample(embed(encoder, [texts[i] for i in familiar_rows])), len(texts))
 
 
+def own_decision(parts, edited, enc, familiar_rows) -> NeuronBatch:
+    """The edited model's own decision for a batch, checked against ``manual_route``. Exact comparisons use this one:
+    the encoder embeds the batch's prompts together, and a smaller batch may round differently on another CPU (1e-7)."""
+    route = edited.route(enc["input_ids"], enc["attention_mask"])
+    texts = edited.texts(enc["input_ids"], enc["attention_mask"])
+    assert route.rows.tolist() == familiar_rows
+    torch.testing.assert_close(route.weights, manual_route(parts, texts, familiar_rows).weights, rtol=1e-4, atol=1e-5)
+    return route
+
+
 def test_gate_is_what_we_set(parts, setup):
     edited, _, _ = setup
     targets = parts[-1]
@@ -125,7 +135,7 @@ def test_generate_keeps_the_prefill_decision(parts, setup):
     enc = batch(tok, MIXED, "left")
     kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id)
     out = edited.generate(**enc, **kw)
-    with torch.no_grad(), active_neurons(manual_route(parts, MIXED, [0, 2])):
+    with torch.no_grad(), active_neurons(own_decision(parts, edited, enc, [0, 2])):
         manual = hooked(reference).generate(**enc, **kw)
     plain = reference.generate(**enc, **kw)
     assert torch.equal(out, manual)
@@ -143,7 +153,7 @@ def test_beam_search_expands_the_decision(parts, setup):
     enc = batch(tok, MIXED, "left")
     kw = dict(max_new_tokens=3, do_sample=False, pad_token_id=tok.pad_token_id, num_beams=2, num_return_sequences=2)
     out = edited.generate(**enc, **kw)
-    with torch.no_grad(), active_neurons(manual_route(parts, MIXED, [0, 2])):
+    with torch.no_grad(), active_neurons(own_decision(parts, edited, enc, [0, 2])):
         manual = hooked(reference).generate(**enc, **kw)
     plain = reference.generate(**enc, **kw)
     assert out.shape[0] == 2 * len(MIXED) and torch.equal(out, manual)
@@ -155,11 +165,7 @@ def test_step_by_step_decoding_reuses_the_decision(parts, setup):
     texts = [EDIT[0], OTHER[1]]
     enc = batch(tok, texts, "left")
     ids, mask = enc["input_ids"], enc["attention_mask"]
-    # the edited model's own decision for this batch: the encoder embeds the two prompts together, and a batch of one
-    # may round differently on another CPU, so exact equality below is asked of the same weights only
-    route = edited.route(ids, mask)
-    assert route.rows.tolist() == [0]
-    torch.testing.assert_close(route.weights, manual_route(parts, texts, [0]).weights, rtol=1e-4, atol=1e-5)
+    route = own_decision(parts, edited, enc, [0])
 
     def decode(forward, prefill=None, steps=None, n_steps=3):
         """Prefill, then one token at a time from the returned cache; ``prefill``/``steps``: neurons set by hand."""
