@@ -106,13 +106,10 @@ def load_config(path: str | Path, output: str | None = None, sizes: list[int] | 
         raise ValueError(f"{p}: unknown data key(s) {unknown}; known: drop_conflicts, format, offset, path")
     if not isinstance(data.get("drop_conflicts", False), bool):
         raise ValueError(f"{p}: data.drop_conflicts must be true or false, got {data['drop_conflicts']!r}")
-    given = raw["sizes"] if sizes is None else sizes
-    if not isinstance(given, list):
-        given = [given]
-    if not given or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in given):
-        where = f"{p}: sizes" if sizes is None else "--sizes"
+    where, given = (f"{p}: sizes", raw["sizes"]) if sizes is None else ("--sizes", sizes)
+    sizes = given if isinstance(given, list) else [given]
+    if not sizes or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in sizes):
         raise ValueError(f"{where} must be positive integers, got {given!r}")
-    sizes = given
     metrics = raw.get("metrics", list(REPORTABLE))
     bad = sorted(set(metrics) - set(REPORTABLE))
     if bad:
