@@ -38,6 +38,8 @@ def add_parser(sub) -> None:
     p.add_argument("--probe-questions", help="requests file whose locality prompts are unrelated questions for the "
                    "gate probe, e.g. zsre/zsre_mend_train-1k.json (NQ questions)")
     p.add_argument("--out", default="results/edit", help="folder for results.json")
+    p.add_argument("--overwrite", action="store_true", help="replace the results.json an earlier run left in --out "
+                   "(without it such a folder is refused before any work)")
     p.add_argument("--save", metavar="DIR", help="also save the edit (encoder, gate, generator, hparams, base-model "
                    "fingerprint) to DIR; reload it with MeGModel.from_pretrained(model, tokenizer, DIR)")
     p.set_defaults(func=main)
@@ -49,7 +51,12 @@ def parse_overrides(pairs: list[str]) -> dict:
         if "=" not in pair:
             raise ValueError(f"--set expects KEY=VALUE, got {pair!r}")
         key, value = pair.split("=", 1)
-        out[key] = yaml.safe_load(value)
+        try:
+            out[key] = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            problem = str(e).splitlines()[0]
+            raise ValueError(f"--set {key}: value {value!r} is not valid YAML ({problem}); quote strings that hold "
+                             "YAML's special characters, e.g. --set 'key=\"a: b\"'") from None
     return out
 
 
@@ -88,7 +95,9 @@ def main(args) -> int:
     from .cli import environment, write_json
     from .data import drop_conflicts, validate_requests
     from .hparams import MeGHyperParams
-    from .meg_main import load_pool
+    from .loading import check_device
+    from .meg_main import MEG_NEEDS_SUBJECT, load_pool
+    from .paths import check_results_folder, check_writable_folder
     from .probe import gate_probe
 
     distributed.init()  # under a launcher: join the other processes (nothing in a single process)
@@ -107,17 +116,28 @@ def main(args) -> int:
         if dropped:
             print(f"--drop-conflicts: left out {len(dropped)} of {len(loaded)} requests (an earlier one edits their "
                   f"prompt to another target): case_ids {dropped}")
-    requests = validate_requests(requests)
+    requests = validate_requests(requests, need_subject=MEG_NEEDS_SUBJECT)
     evaluated = evaluation_sample(requests, args.eval_n, hp.seed)
     if hp.pseudo_edit_data:
         from .data import resolve_data_path
 
         resolve_data_path(hp.pseudo_edit_data)  # fail now, not after loading the model
     check_config(model_config(hp.model_name), hp.layer)  # layer range and architecture, before loading weights
+    check_device(hp.device)
+    # every folder the run writes, now: an unwritable one must not surface after training
+    check_results_folder(args.out, args.overwrite)
+    if hp.checkpoint_dir:
+        check_writable_folder(hp.checkpoint_dir, "hparams field 'checkpoint_dir'")
+        args.on_interrupt = (f"the work finished so far is checkpointed under {hp.checkpoint_dir}: run the same "
+                             "command again to resume there")
+    else:
+        args.on_interrupt = ("nothing was saved (the hparams set no checkpoint_dir); run the command again to start "
+                             "over, or set checkpoint_dir to make a long run resumable")
     if args.save:
         from .artifact import check_save_target
 
         check_save_target(args.save)
+        check_writable_folder(Path(args.save).expanduser().absolute().parent, "--save's parent folder")
     questions = []
     if args.probe_questions:
         questions = [loc["prompt"] for r in load_requests("auto", args.probe_questions)

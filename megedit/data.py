@@ -24,6 +24,8 @@ def resolve_data_path(path: str | os.PathLike) -> Path:
     if not p.exists():
         hint = "" if os.environ.get("MEGEDIT_DATA") else " (relative paths are also looked up under $MEGEDIT_DATA, which is unset)"
         raise FileNotFoundError(f"data file {str(path)!r} does not exist{hint}")
+    if p.is_dir():
+        raise ValueError(f"data path {str(path)!r} is a folder ({p}); give the JSON file inside it")
     return p
 
 
@@ -100,6 +102,8 @@ def load_requests(fmt: str, path: str | os.PathLike, n: int | None = None, offse
         raise ValueError(f"unknown data format {fmt!r}; choose one of {FORMATS + ('auto',)}")
     if n is not None and n <= 0:
         raise ValueError(f"n must be positive, got {n}")
+    if offset < 0:
+        raise ValueError(f"offset must be >= 0 (the first record to edit), got {offset}")
     p = resolve_data_path(path)
     try:
         records = json.loads(p.read_text())
@@ -114,12 +118,25 @@ def load_requests(fmt: str, path: str | os.PathLike, n: int | None = None, offse
     chosen = records[offset: None if n is None else offset + n]
     if n is not None and len(chosen) < n:
         raise ValueError(f"{p} has {len(records)} records; asked for {n} from offset {offset}")
-    convert = _CONVERTERS[fmt]
-    return [convert(r, offset + i) for i, r in enumerate(chosen)]
+    return [_convert_record(_CONVERTERS[fmt], fmt, r, offset + i, p) for i, r in enumerate(chosen)]
 
 
-def validate_requests(requests, need_subject: bool = False) -> list[dict]:
-    """Check requests before any expensive work; return them as a list. Raises ValueError naming the case and field."""
+def _convert_record(convert, fmt: str, record, i: int, path: Path) -> dict:
+    """One record as a request; a record unlike the first (the format is told from that one) is named, not a crash."""
+    if not isinstance(record, dict):
+        raise ValueError(f"{path}: record {i} is a JSON {type(record).__name__}, not an object like the first record")
+    try:
+        return convert(record, i)
+    except (KeyError, TypeError, AttributeError, IndexError) as e:
+        what = f"has no {e}" if isinstance(e, KeyError) else f"is malformed ({e})"
+        raise ValueError(f"{path}: record {i} {what}; every record must be a {fmt} record like the first") from None
+
+
+def validate_requests(requests, need_subject: bool | str = False) -> list[dict]:
+    """Check requests before any expensive work; return them as a list. Raises ValueError naming the case and field.
+
+    ``need_subject``: every request must have a subject; a string says why (it ends the message).
+    """
     if isinstance(requests, dict):
         requests = [requests]
     requests = list(requests)
@@ -136,7 +153,8 @@ def validate_requests(requests, need_subject: bool = False) -> list[dict]:
                 raise ValueError(f"{where}: {key!r} must be a non-empty string, got {r[key]!r}")
         subject = r.get("subject")
         if need_subject and not subject:
-            raise ValueError(f"{where} has no 'subject'; this method needs the subject of each edit")
+            why = need_subject if isinstance(need_subject, str) else "this method needs the subject of each edit"
+            raise ValueError(f"{where} has no 'subject': {why}")
         if subject and subject not in r["prompt"]:
             raise ValueError(f"{where}: subject {subject!r} is not a substring of prompt {r['prompt']!r}")
     # the same prompt with two answers cannot both hold: reject rather than silently keep one (drop_conflicts says

@@ -164,7 +164,7 @@ class MeGHyperParams:
         positive = ["familiarity_classes", "fit_steps", "fit_batch_edits", "gen_epochs", "gen_batch_size",
                     "gen_sample_steps", "dit_hidden", "dit_depth", "dit_heads", "dit_patch_size", "eval_batch_size",
                     "familiarity_epochs", "familiarity_batch_size", "encoder_batch_size", "gen_train_timesteps",
-                    "checkpoint_gen_epochs"]
+                    "checkpoint_gen_epochs", "encoder_epochs", "encoder_pairs"]
         for name in positive:
             if getattr(self, name) <= 0:
                 raise HParamsError(f"hparams field {name!r} must be positive, got {getattr(self, name)!r}")

@@ -73,6 +73,29 @@ def resolve_model_path(model_name: str) -> str:
     return model_name
 
 
+def check_device(device: str | None, what: str = "hparams field 'device'") -> None:
+    """Raise ValueError unless ``device`` names a device torch knows and this machine has (None: the default, cpu)."""
+    if device is None:
+        return
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"{what} = {device!r} is not a device name torch knows; use cpu, cuda, cuda:N or mps") from None
+    if parsed.type == "cpu":
+        return
+    backend = getattr(torch, parsed.type, None)
+    if parsed.type == "mps":
+        backend = torch.backends.mps
+    available = backend is not None and hasattr(backend, "is_available") and backend.is_available()
+    count = backend.device_count() if available and hasattr(backend, "device_count") else 1
+    if not available:
+        raise ValueError(f"{what} = {device!r}: this machine has no {parsed.type} device (torch {torch.__version__}); "
+                         "use cpu")
+    if parsed.index is not None and parsed.index >= count:
+        raise ValueError(f"{what} = {device!r}: this machine has {count} {parsed.type} device(s), "
+                         f"{parsed.type}:0..{count - 1}")
+
+
 def load_model(hparams_or_name, device: str | None = None, dtype: torch.dtype = torch.float32,
                device_map: str | dict | None = None):
     """Return ``(model, tokenizer)`` in eval mode on ``device`` (default: ``hparams.device``, else "cpu").

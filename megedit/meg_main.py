@@ -34,6 +34,10 @@ from .neuron import remove_neuron
 from .precision import autocast_dtype, training_autocast
 
 log = logging.getLogger(__name__)
+# why a request without a subject is refused rather than trained on
+MEG_NEEDS_SUBJECT = ("MeG builds each edit's near misses from its subject (the same subject asked another relation, "
+                     "another subject asked the same relation), which teach the gate what not to route; without it the "
+                     "gate learns from weaker near misses. Give each request the subject, a substring of its prompt")
 
 
 @dataclass
@@ -162,7 +166,7 @@ def train_meg(model, tok, requests: list[dict], hp: MeGHyperParams, progress: bo
     """
     distributed.init()
     progress = progress and distributed.is_main()
-    requests = validate_requests(requests)
+    requests = validate_requests(requests, need_subject=MEG_NEEDS_SUBJECT)
     check_layer(model, hp.layer)
     if hp.pseudo_edit_data is None and hp.familiarity_epsilon is None:
         raise ValueError("without pseudo_edit_data there is nothing to choose epsilon on: set familiarity_epsilon, "
@@ -239,7 +243,7 @@ def apply_meg_to_model(model, tok, requests, hparams: MeGHyperParams, copy: bool
     original model bit-for-bit; ``weights_copy`` (when asked for) holds copies of that MLP's parameters under their
     original names, which is what EasyEdit restores from.
     """
-    requests = validate_requests(requests)
+    requests = validate_requests(requests, need_subject=MEG_NEEDS_SUBJECT)
     if not isinstance(hparams, MeGHyperParams):
         raise TypeError(f"hparams must be a MeGHyperParams (e.g. MeGHyperParams.from_hparams('hparams/MeG/"
                         f"smollm2-135m.yaml')), got {type(hparams).__name__}")
