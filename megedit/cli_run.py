@@ -20,6 +20,8 @@ def main(args) -> int:
     from .runner import load_config, run
 
     cfg = load_config(args.config, output=args.output, sizes=args.sizes)
+    args.on_interrupt = (f"finished results under {cfg.output}/results are kept, and MEMIT/AlphaEdit's z vectors and "
+                         "MeG's stages are cached: run the same command again to continue from there")
     start = time.time()
     records = ordered([m.name for m in cfg.methods], run(cfg, progress=not args.no_progress))
     print(markdown_table([result_row(r, cfg.metrics) for r in records]))

@@ -279,18 +279,27 @@ def preflight(cfg: RunConfig, requests: list[dict]) -> None:
 
     from .easyedit.compat import check_eval_lengths, locality_inputs
     from .loading import resolve_model_path
+    from .method_check import check_method_hparams
+    from .paths import check_writable_folder
 
     inputs = batch_edit_inputs(requests)
     locality = locality_inputs(inputs["locality_prompts"], inputs["locality_ground_truth"], len(requests))
+    check_writable_folder(cfg.output, "the run's output folder (config key 'output' or --output)")
     tokenizers, checked = {}, set()
     for method in cfg.methods:
-        hp = method_hparams(method, cfg)
+        hp = check_method_hparams(method_hparams(method, cfg), f"method {method.name} ({method.hparams})")
+        if getattr(hp, "checkpoint_dir", None):
+            check_writable_folder(hp.checkpoint_dir, f"method {method.name}: hparams field 'checkpoint_dir'")
         name, max_length = hp.model_name, getattr(hp, "max_length", None)
         if not isinstance(name, str) or (name, max_length) in checked:  # same tokenizer and limit: same answer
             continue
         checked.add((name, max_length))
         if name not in tokenizers:
-            tokenizers[name] = AutoTokenizer.from_pretrained(resolve_model_path(name))
+            try:
+                tokenizers[name] = AutoTokenizer.from_pretrained(resolve_model_path(name))
+            except (OSError, ValueError) as e:
+                raise ValueError(f"method {method.name} ({method.hparams}): cannot load the tokenizer of model "
+                                 f"{name!r} ({str(e).splitlines()[0]})") from None
         try:
             check_eval_lengths(tokenizers[name], max_length, inputs["prompts"], inputs["target_new"],
                                inputs["rephrase_prompts"], locality, case_ids=[r["case_id"] for r in requests])
