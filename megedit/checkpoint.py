@@ -18,6 +18,11 @@ Inside, every file is written atomically:
     stage4_generator-<key>/generator.pt         the generator's training state, every ``checkpoint_gen_epochs``
                                                 epochs and at the end
     <stage>-<key>/hparams.json                  the stage's own hparams, for people
+    <stage>-<key>/hashes.json                   sha256 of every file (or folder) above, recorded as it is written
+
+Resuming verifies each stage's files against ``hashes.json`` when the stage opens: a damaged or unrecorded file is
+never read. Stage 3's chunks stand alone, so only a damaged chunk is refitted; in any other stage one damaged file
+means the whole stage is recomputed. Either way a warning names the stage and the file.
 
 With ``checkpoint_dir: null`` the checkpoint is disabled: ``has`` is always False and saving does nothing.
 Under data parallelism every rank reads the folder (it must be on a filesystem they all see) and rank 0 alone writes.
@@ -27,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 
@@ -48,6 +54,23 @@ STAGES = {"stage1_encoder": (("encoder_",), ()),
           "stage2_familiarity": (("familiarity_",), ("stage1_encoder",)),
           "stage3_neurons": (("fit_",), ()),
           "stage4_generator": (("generator", "dit_", "gen_"), ("stage1_encoder", "stage3_neurons"))}
+
+
+HASHES = "hashes.json"
+# stages whose files are independent pieces of work: a damaged one is redone alone, the others are kept
+INDEPENDENT_FILES = ("stage3_neurons",)
+
+
+def _digest(path: Path) -> str:
+    """sha256 of a file's bytes, or of a folder's files (their relative names and bytes, in sorted order)."""
+    digest = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for f in files:
+        digest.update(str(f.relative_to(path)).encode() if path.is_dir() else b"")
+        with open(f, "rb") as stream:
+            for block in iter(lambda: stream.read(1 << 24), b""):
+                digest.update(block)
+    return digest.hexdigest()
 
 
 def _hash(obj) -> str:
@@ -110,16 +133,77 @@ class RunCheckpoint:
         self.writer = writer
         self.folders = {stage: f"{stage}-{key}" for stage, key in (stage_keys or {}).items()}
         self._stage_hparams = stage_hparams or {}
-        seconds = None if root is None else root / "seconds.json"
-        self._spent = json.loads(seconds.read_text()) if seconds and seconds.exists() else {}  # folder -> seconds
+        self._spent = self._read_seconds()  # folder -> seconds
         self.resumed = any(folder in self._spent for folder in self.folders.values())
         self._stage: tuple[str, float] | None = None  # (stage being timed, its start in this process)
+        self._hashes: dict[str, dict[str, str]] = {}  # stage -> {name: sha256} of its verified, readable files
+        self.damaged: dict[str, list[str]] = {}  # stage -> the files found damaged (and not read) in this process
+
+    def _read_seconds(self) -> dict:
+        seconds = None if self.root is None else self.root / "seconds.json"
+        if not seconds or not seconds.exists():
+            return {}
+        try:
+            return json.loads(seconds.read_text())
+        except ValueError:  # timing is for people: a damaged record costs the report, not the run
+            log.warning("checkpoint %s: seconds.json is damaged; earlier sessions' stage times are not counted", seconds)
+            return {}
+
+    # -------------------------------------------------------------------------------------- integrity
+    def _verify(self, stage: str) -> None:
+        """Keep only the stage's files whose hash matches the one recorded when they were written."""
+        folder = self.root / self.folders[stage]
+        try:
+            recorded = json.loads((folder / HASHES).read_text()) if (folder / HASHES).exists() else {}
+        except ValueError:
+            recorded = None  # the record itself is damaged: nothing in the folder can be vouched for
+        written = [p.name for p in folder.iterdir() if p.name not in (HASHES, "hparams.json")] \
+            if folder.is_dir() else []
+        if recorded is None:
+            bad = [HASHES]
+        else:
+            bad = [name for name, digest in recorded.items()
+                   if (folder / name).exists() and _digest(folder / name) != digest]
+        good = {} if recorded is None else {n: d for n, d in recorded.items() if n not in bad and (folder / n).exists()}
+        if bad:
+            whole = stage not in INDEPENDENT_FILES or recorded is None
+            log.warning("checkpoint stage %s (%s) is damaged: %s %s not match the hash recorded when written; "
+                        "recomputing %s", stage, folder, ", ".join(bad), "does" if len(bad) == 1 else "do",
+                        "the stage" if whole else "those parts, keeping the rest")
+            self.damaged[stage] = bad
+            if whole:
+                good = {}
+            if self.writer:
+                if whole:
+                    shutil.rmtree(folder, ignore_errors=True)
+                    self._spent.pop(self.folders[stage], None)
+                else:
+                    for name in bad:
+                        (folder / name).unlink(missing_ok=True)
+                    self._record(stage, good)
+        elif written and not recorded:
+            log.warning("checkpoint stage %s (%s) has no record of its files' hashes (an older megedit wrote it): "
+                        "recomputing the stage", stage, folder)
+        self._hashes[stage] = good
+
+    def _record(self, stage: str, hashes: dict[str, str]) -> None:
+        folder = self.root / self.folders[stage]
+        atomic_write(folder / HASHES, lambda tmp: tmp.write_text(json.dumps(hashes, indent=2, sort_keys=True)))
+
+    def _written(self, name: str) -> None:
+        """``name`` (in the open stage) is complete: record its hash, then count the stage's time."""
+        stage = self._stage[0]
+        self._hashes[stage][name] = _digest(self.path(name))
+        self._record(stage, self._hashes[stage])
+        self._saved()
 
     # -------------------------------------------------------------------------------------- time per stage
     def begin(self, stage: str) -> None:
         """Open ``stage``; its seconds continue from what earlier processes saved for its folder."""
         if self.root is not None and stage not in self.folders:
             raise ValueError(f"unknown stage {stage!r}; known: {sorted(self.folders)}")
+        if self.root is not None and stage not in self._hashes:
+            self._verify(stage)
         self._stage = (stage, time.time() - self._spent.get(self.folders.get(stage), 0.0))
 
     def seconds(self) -> float:
@@ -166,12 +250,13 @@ class RunCheckpoint:
         return True
 
     def has(self, name: str) -> bool:
-        return self.root is not None and self.path(name).exists()
+        """Whether ``name`` was saved whole (its hash recorded and matching): only then is it read."""
+        return self.root is not None and name in self._hashes.get(self._stage[0], {}) and self.path(name).exists()
 
     def save_json(self, name: str, obj) -> None:
         if self._writing():
             atomic_write(self.path(name), lambda tmp: tmp.write_text(json.dumps(obj, indent=2, default=str)))
-            self._saved()
+            self._written(name)
 
     def load_json(self, name: str):
         return json.loads(self.path(name).read_text())
@@ -180,7 +265,7 @@ class RunCheckpoint:
         if self._writing():
             plain = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
             atomic_write(self.path(name), lambda tmp: save_file(plain, str(tmp)))
-            self._saved()
+            self._written(name)
 
     def load_tensors(self, name: str) -> dict[str, torch.Tensor]:
         return load_file(str(self.path(name)))
@@ -189,7 +274,7 @@ class RunCheckpoint:
         """Training state (optimiser, scheduler, RNG): nested dicts of tensors and numbers."""
         if self._writing():
             atomic_write(self.path(name), lambda tmp: torch.save(state, tmp))
-            self._saved()
+            self._written(name)
 
     def load_state(self, name: str) -> dict:
         return torch.load(self.path(name), weights_only=True)
@@ -197,7 +282,7 @@ class RunCheckpoint:
     def save_encoder(self, name: str, encoder) -> None:
         if self._writing():
             atomic_dir(self.path(name), lambda tmp: encoder.save(str(tmp), create_model_card=False), replace=True)
-            self._saved()
+            self._written(name)
 
     def load_encoder(self, name: str, device: str):
         from sentence_transformers import SentenceTransformer

@@ -139,3 +139,45 @@ def test_new_generator_settings_reuse_the_earlier_stages(tmp_path, monkeypatch):
         assert states_equal(getattr(edit, part), getattr(fresh, part)), part
     (run_dir,) = (tmp_path / "checkpoints").iterdir()
     assert len(list(run_dir.glob("stage4_generator-*"))) == 2 and len(list(run_dir.glob("stage3_neurons-*"))) == 1
+
+
+def test_damaged_checkpoints_are_named_and_recomputed(tmp_path, monkeypatch, caplog):
+    """Two flipped bytes in a chunk of neurons and a truncated embeddings file: resuming names each damaged stage,
+    refits that chunk alone, re-embeds, and ends where the undamaged run ended (it never reads a damaged file)."""
+    hp = resume_hparams(tmp_path)
+    reference, _, _ = in_process_run(tmp_path, monkeypatch, hp)
+    (run_dir,) = (tmp_path / "checkpoints").iterdir()
+    chunk = stage_dir(run_dir, "stage3_neurons") / "neurons" / "from_000001.safetensors"
+    data = bytearray(chunk.read_bytes())
+    data[-8] ^= 0xFF
+    data[-3] ^= 0x01
+    chunk.write_bytes(bytes(data))
+    embeddings = stage_dir(run_dir, "embed") / "embeddings.safetensors"
+    embeddings.write_bytes(embeddings.read_bytes()[:100])
+
+    with caplog.at_level("WARNING", logger="megedit.checkpoint"):
+        edit, _, events = in_process_run(tmp_path, monkeypatch, hp)
+    assert events == {"embed": 1, "fit": 1}  # the other chunks, the encoder, the gate and the generator are kept
+    warnings = caplog.text
+    assert "checkpoint stage embed" in warnings and "embeddings.safetensors does not match the hash" in warnings
+    assert "checkpoint stage stage3_neurons" in warnings and "neurons/from_000001.safetensors" in warnings
+    for part in ("encoder", "familiarity", "generator"):
+        assert states_equal(getattr(edit, part), getattr(reference, part)), part
+    again, _, events = in_process_run(tmp_path, monkeypatch, hp)  # the recomputed files were recorded again
+    assert events == {}
+
+
+def test_a_damaged_stage_file_recomputes_the_whole_stage(tmp_path, monkeypatch, caplog):
+    """The generator's training state has no independent parts: one damaged byte retrains the generator."""
+    hp = resume_hparams(tmp_path)
+    reference, ref_report, _ = in_process_run(tmp_path, monkeypatch, hp)
+    (run_dir,) = (tmp_path / "checkpoints").iterdir()
+    state = stage_dir(run_dir, "stage4_generator") / "generator.pt"
+    data = bytearray(state.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    state.write_bytes(bytes(data))
+    with caplog.at_level("WARNING", logger="megedit.checkpoint"):
+        edit, _, events = in_process_run(tmp_path, monkeypatch, hp)
+    assert set(events) == {"gen"} and "checkpoint stage stage4_generator" in caplog.text
+    assert "recomputing the stage" in caplog.text
+    assert states_equal(edit.generator, reference.generator)
