@@ -25,10 +25,12 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from .arch import arch_of, decoder_layers, hidden_size
-from .atomic import atomic_dir
+from .atomic import atomic_dir, recover_leftovers
 
 MANIFEST = "megedit_edit.json"
-FORMAT = 1
+FORMAT = 2  # 2: the manifest carries manifest_sha256, a hash of all its other fields
+READABLE_FORMATS = (1, FORMAT)
+MANIFEST_KEYS = ("format", "layer", "familiarity", "generator", "base_model", "files")
 STRUCTURE = ("model_type", "config_class", "num_layers", "hidden_size", "vocab_size", "layer")  # must always match
 
 
@@ -68,6 +70,12 @@ def check_base_model(saved: dict, model, source: str, strict: bool = True) -> No
 def _file_hashes(root: Path) -> dict[str, str]:
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(root.rglob("*")) if p.is_file() and p.name != MANIFEST}
+
+
+def _manifest_digest(manifest: dict) -> str:
+    """sha256 of every manifest field but the digest itself: a field changed by hand is found, not trusted."""
+    fields = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
 
 def _plain(state: dict) -> dict:
@@ -110,24 +118,45 @@ def save_edit(edit, directory: str | os.PathLike, fingerprint: dict) -> Path:
             "generator": {"vector_size": edit.generator.vector_size, "cond_dim": edit.generator.cond_dim},
             "base_model": fingerprint, "files": _file_hashes(tmp),
         }
+        manifest["manifest_sha256"] = _manifest_digest(manifest)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))  # last: its presence means "complete"
 
     return atomic_dir(directory, fill, replace=True)
 
 
 def read_manifest(directory: str | os.PathLike) -> dict:
+    """The manifest of the edit saved in ``directory``, once every field and every file is checked."""
     directory = Path(directory)
+    recover_leftovers(directory)  # a save killed while replacing this folder, or killed saves' temporary folders
     if not (directory / MANIFEST).is_file():
         why = "does not exist" if not directory.exists() else f"has no {MANIFEST} (not a saved edit, or an unfinished save)"
         raise ValueError(f"cannot load a megedit edit from {directory}: the folder {why}")
-    manifest = json.loads((directory / MANIFEST).read_text())
-    if manifest.get("format") != FORMAT:
-        raise ValueError(f"{directory} holds edit format {manifest.get('format')!r}; this megedit reads format {FORMAT}")
+    damaged = f"the saved edit in {directory} is damaged: {MANIFEST}"
+    try:
+        manifest = json.loads((directory / MANIFEST).read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{damaged} is not valid JSON ({e}); save the edit again") from None
+    if not isinstance(manifest, dict):
+        raise ValueError(f"{damaged} is not a JSON object; save the edit again")
+    if manifest.get("format") not in READABLE_FORMATS:
+        raise ValueError(f"{directory} holds edit format {manifest.get('format')!r}; this megedit reads formats "
+                         f"{list(READABLE_FORMATS)}")
+    missing = [k for k in MANIFEST_KEYS + (("manifest_sha256",) if manifest["format"] >= 2 else ()) if k not in manifest]
+    if missing:
+        raise ValueError(f"{damaged} lacks {', '.join(missing)}; save the edit again")
+    if manifest["format"] >= 2 and manifest["manifest_sha256"] != _manifest_digest(manifest):
+        raise ValueError(f"{damaged} was changed after the edit was saved (its fields no longer match "
+                         "manifest_sha256); save the edit again")
     found = _file_hashes(directory)
     for name, digest in manifest["files"].items():
         if found.get(name) != digest:
             state = "is missing" if name not in found else "does not match its hash"
             raise ValueError(f"{directory}: {name} {state}: the saved edit is damaged; save it again")
+    # the parts agree on the layer (a format-1 manifest has no digest of its own)
+    layers = {"layer": manifest["layer"], "base_model.layer": (manifest["base_model"] or {}).get("layer"),
+              "hparams.yaml's layer": (yaml.safe_load((directory / "hparams.yaml").read_text()) or {}).get("layer")}
+    if len(set(map(repr, layers.values()))) != 1:
+        raise ValueError(f"{damaged}: its parts disagree on the edited layer ({layers}); save the edit again")
     return manifest
 
 
@@ -149,10 +178,14 @@ def load_edit(directory: str | os.PathLike, base_model=None, device: str | None 
                                   source=str(directory / "hparams.yaml"))
     device = device or "cpu"
     encoder = SentenceTransformer(str(directory / "encoder"), device=device)
-    familiarity = FamiliarityNet(**manifest["familiarity"])
-    familiarity.load_state_dict(load_file(str(directory / "familiarity.safetensors")))
-    generator = NeuronGenerator(manifest["generator"]["vector_size"], manifest["generator"]["cond_dim"], hp)
-    generator.load_state_dict(load_file(str(directory / "generator.safetensors")))
+    try:
+        familiarity = FamiliarityNet(**manifest["familiarity"])
+        familiarity.load_state_dict(load_file(str(directory / "familiarity.safetensors")))
+        generator = NeuronGenerator(manifest["generator"]["vector_size"], manifest["generator"]["cond_dim"], hp)
+        generator.load_state_dict(load_file(str(directory / "generator.safetensors")))
+    except (RuntimeError, TypeError, KeyError) as e:  # the manifest's sizes and the saved weights disagree
+        raise ValueError(f"{directory}: the manifest's sizes do not fit the saved weights "
+                         f"({str(e).splitlines()[0]}); the saved edit is damaged; save it again") from None
     for module in (encoder, familiarity, generator):
         module.to(device).eval().requires_grad_(False)
     return MeGEdit(encoder, familiarity, generator, manifest["layer"], hp, base_fingerprint=manifest["base_model"])

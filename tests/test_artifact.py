@@ -157,3 +157,111 @@ def test_a_broken_edit_is_never_written(trained, tmp_path):
     with pytest.raises(ValueError, match=r"refusing to save a broken edit: generator\.net\..* contains NaN/inf"):
         broken.save_pretrained(tmp_path / "broken")
     assert not (tmp_path / "broken").exists()
+
+
+# ------------------------------------------------------------------ the manifest, replacement, leftovers, permissions
+def edit_copy(saved, tmp_path, name="edit"):
+    target = tmp_path / name
+    shutil.copytree(saved, target)
+    return target
+
+
+def test_every_manifest_field_is_checked(trained, tmp_path):
+    """Changing the top-level layer used to load and silently give other logits."""
+    _, _, saved = trained
+    target = edit_copy(saved, tmp_path)
+    manifest = json.loads((target / MANIFEST).read_text())
+    (target / MANIFEST).write_text(json.dumps({**manifest, "layer": manifest["layer"] - 1}))
+    with pytest.raises(ValueError, match="was changed after the edit was saved"):
+        MeGEdit.from_pretrained(target)
+    # a format-1 manifest (no digest of its own) is checked against the parts instead
+    old = {k: v for k, v in manifest.items() if k != "manifest_sha256"} | {"format": 1}
+    (target / MANIFEST).write_text(json.dumps(old))
+    assert MeGEdit.from_pretrained(target).layer == LAYER
+    (target / MANIFEST).write_text(json.dumps({**old, "layer": LAYER - 1}))
+    with pytest.raises(ValueError, match="its parts disagree on the edited layer"):
+        MeGEdit.from_pretrained(target)
+    (target / MANIFEST).write_text(json.dumps({**old, "familiarity": {**old["familiarity"], "n_keys": 3}}))
+    with pytest.raises(ValueError, match="the manifest's sizes do not fit the saved weights"):
+        MeGEdit.from_pretrained(target)
+
+
+@pytest.mark.parametrize("text, fragment", [("{not json", "is not valid JSON"), ("[1, 2]", "is not a JSON object"),
+                                            ('{"format": 2, "layer": 1}', "lacks familiarity, generator")])
+def test_a_manifest_that_is_not_json_or_lacks_keys(trained, tmp_path, text, fragment):
+    _, _, saved = trained
+    target = edit_copy(saved, tmp_path)
+    (target / MANIFEST).write_text(text)
+    with pytest.raises(ValueError, match=fragment):
+        MeGEdit.from_pretrained(target)
+
+
+def test_replacing_an_edit_never_leaves_the_name_empty(trained, tmp_path, monkeypatch):
+    """Every rename a save makes is watched: the name holds a whole edit before and after each one."""
+    import os
+
+    edited, _, saved = trained
+    target = edit_copy(saved, tmp_path)
+    gaps = []
+
+    def watched(real):
+        def call(*args, **kwargs):
+            result = real(*args, **kwargs)
+            if not (target / MANIFEST).exists():
+                gaps.append(args)
+            return result
+        return call
+
+    monkeypatch.setattr(os, "rename", watched(os.rename))
+    monkeypatch.setattr(os, "replace", watched(os.replace))
+    monkeypatch.setattr(type(target), "rename", watched(type(target).rename))
+    edited.save_pretrained(target)
+    monkeypatch.undo()
+    assert gaps == [] and sorted(p.name for p in tmp_path.iterdir()) == ["edit"]
+    assert states_equal(MeGEdit.from_pretrained(target).generator, edited.edit.generator)
+
+
+def dead_pid() -> int:
+    import subprocess
+    import sys
+
+    process = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    return int(process.stdout)
+
+
+def test_leftovers_of_a_killed_replacement_are_recovered_and_cleaned(trained, tmp_path):
+    """A kill between moving the old edit aside and renaming the new one in left both hidden; a killed save left its
+    temporary folder. The next load restores the old edit's name and removes the dead process's temporary; a live
+    process's temporary (a save in progress) is left alone."""
+    import os
+
+    from megedit.atomic import _HOST
+
+    edited, _, saved = trained
+    dead = dead_pid()
+    aside = tmp_path / f".edit.old-{_HOST}-{dead}-0000aaaa"
+    shutil.copytree(saved, aside)
+    (tmp_path / f".edit.tmp-{_HOST}-{dead}-0000bbbb").mkdir()
+    (tmp_path / f".edit.tmp-{_HOST}-{dead}-0000bbbb" / "generator.safetensors").write_bytes(b"x" * 1000)
+    live = tmp_path / f".edit.tmp-{_HOST}-{os.getpid()}-0000cccc"
+    live.mkdir()
+    assert MeGEdit.from_pretrained(tmp_path / "edit").layer == LAYER
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["edit", live.name])
+    shutil.rmtree(live)
+    (tmp_path / f".other.tmp-{_HOST}-{dead}-0000dddd").mkdir()  # another name's leftover: not this save's business
+    (tmp_path / f".edit.tmp-{_HOST}-{dead}-0000eeee").mkdir()
+    edited.save_pretrained(tmp_path / "edit")  # a save cleans them too
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f".other.tmp-{_HOST}-{dead}-0000dddd", "edit"]
+
+
+def test_saved_files_get_ordinary_permissions(trained, tmp_path):
+    import os
+
+    edited, _, _ = trained
+    before = os.umask(0o022)
+    try:
+        edited.save_pretrained(tmp_path / "edit")
+    finally:
+        os.umask(before)
+    for path in [tmp_path / "edit", *(tmp_path / "edit").rglob("*")]:
+        assert path.stat().st_mode & 0o777 == (0o755 if path.is_dir() else 0o644), path
