@@ -201,6 +201,7 @@ def run_cli(capsys, config) -> tuple[int, str]:
     ("layer", 99, "hparams field 'layer' = 99 is out of range"),
     ("layer", "abc", "hparams field 'layer' must be int, got 'abc'"),
     ("gen_epochs", 0, "hparams field 'gen_epochs' must be positive"),
+    ("encoder_epochs", 0, "hparams field 'encoder_epochs' must be positive"),
     ("device", "cuda:7", "hparams field 'device' = 'cuda:7'")])
 def test_run_checks_the_last_methods_overrides_first(capsys, run_config, no_method_runs, field, value, fragment):
     write, meg, memit = run_config
@@ -229,3 +230,36 @@ def test_run_output_that_is_a_file(tmp_path, capsys, run_config, no_method_runs)
     (tmp_path / "out").write_text("a file")
     rc, err = run_cli(capsys, write([meg]))
     assert rc == 2 and "output folder" in err and "is a file, not a folder" in err, err
+
+
+def test_ctrl_c_in_megedit_run_says_how_it_resumes(capsys, run_config, monkeypatch):
+    write, meg, memit = run_config
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "run", interrupted)
+    capsys.readouterr()
+    assert main(["run", str(write([meg]))]) == 130
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "megedit run: interrupted; finished results under" in err
+    assert "run the same command again to continue" in err
+
+
+def test_a_data_file_that_cannot_be_read(tmp_path, capsys, no_model_loading, tiny, monkeypatch):
+    """Permission errors are a user's to fix: one line. (root reads any file: there the refusal is the OS's own
+    PermissionError, raised for that one file.)"""
+    data = edits_file(tmp_path)
+    if os.geteuid() == 0:
+        real = Path.read_text
+
+        def refuse(self, *args, **kwargs):
+            if self == data:
+                raise PermissionError(13, "Permission denied", str(self))
+            return real(self, *args, **kwargs)
+
+        monkeypatch.setattr(Path, "read_text", refuse)
+    else:
+        data.chmod(0)
+    assert_one_line_error(*run_edit(capsys, tiny, "--data", data, "--n", 4, "--out", tmp_path / "out"),
+                          "Permission denied", str(data))
