@@ -157,6 +157,10 @@ def main(args) -> int:
     print("gate on fresh queries (fraction judged familiar; n): " + ", ".join(
         f"{k} {v:.3f} ({probe['n'][k]})" for k, v in probe["familiar_rate"].items()))
     print(f"neuron fits reproducing the target: {report['fit']['ok']:.3f}")
+    leakage = report["leakage"]
+    print(f"training texts left out because they contain, or lie inside, one of the edit set's "
+          f"{leakage['evaluation_texts']} evaluation texts: {leakage['left_out_total']} "
+          f"({', '.join(f'{k} {v}' for k, v in leakage['left_out'].items() if v) or 'none'})")
     print("\nseconds: " + ", ".join(f"{k} {v:.1f}" for k, v in
                                    {"load": load_s, "pre-eval": pre_s, **report["seconds"], "post-eval": post_s}.items()))
     out = Path(args.out) / "results.json"
@@ -166,6 +170,7 @@ def main(args) -> int:
                      "evaluated_case_ids": [r.get("case_id") for r in evaluated], "saved_edit": args.save,
                      "environment": environment(),
                      "pre": pre["summary"], "post": post["summary"], "report": report,
+                     "training_texts_left_out": report["leakage"],
                      "per_request_post": post["per_request"],
                      "seconds": {"load": load_s, "pre_eval": pre_s, **report["seconds"], "post_eval": post_s}})
     print(f"results: {out}")
