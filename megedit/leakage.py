@@ -123,5 +123,5 @@ class HeldOutTexts:
         return kept
 
     def report(self) -> dict:
-        return {"evaluation_texts": len(self), "left_out": dict(sorted(self.left_out.items())),
+        return {"evaluation_texts": len(self), "left_out": {k: v for k, v in sorted(self.left_out.items()) if v},
                 "left_out_total": sum(self.left_out.values())}
