@@ -50,10 +50,11 @@ class TrainingTexts:
 
 
 def load_pool(requests: list[dict], hp: MeGHyperParams) -> PseudoEditPool | None:
-    """The pseudo-edit pool, without any record about an edited subject; None when the hparams name none."""
+    """The pseudo-edit pool (from ``pseudo_edit_offset`` on), without any record about an edited subject; None when the
+    hparams name none."""
     if not hp.pseudo_edit_data:
         return None
-    return PseudoEditPool(load_requests(hp.pseudo_edit_format, hp.pseudo_edit_data),
+    return PseudoEditPool(load_requests(hp.pseudo_edit_format, hp.pseudo_edit_data, offset=hp.pseudo_edit_offset),
                           exclude_subjects={r.get("subject") for r in requests if r.get("subject")}, seed=hp.seed)
 
 
