@@ -99,8 +99,10 @@ def run_keys(requests: list[dict], hp, base_fingerprint: dict) -> tuple[str, dic
     for params in own.values():
         for k in params:
             del shared[k]
+    from .leakage import RULES as training_text_rules
+
     described = {"megedit_version": __version__, "base_model": base_fingerprint, "pseudo_edit_data_sha256": pool,
-                 "hparams": shared, "requests": [_what_training_reads(r) for r in requests]}
+                 "training_text_rules": training_text_rules, "hparams": shared, "requests": [_what_training_reads(r) for r in requests]}
     run = _hash(described)
     stages: dict[str, str] = {}
     for stage, (_, reads) in STAGES.items():

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import platform
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -44,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in COMMANDS:
         importlib.import_module(name).add_parser(sub)
     args = parser.parse_args(argv)
+    args.command_line = shlex.join(["megedit", *(sys.argv[1:] if argv is None else argv)])  # kept with results
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     debug = args.debug or os.environ.get(DEBUG_ENV, "") not in ("", "0")
     # each command replaces this once it knows whether its work is checkpointed

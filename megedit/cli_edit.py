@@ -40,6 +40,9 @@ def add_parser(sub) -> None:
     p.add_argument("--out", default="results/edit", help="folder for results.json")
     p.add_argument("--overwrite", action="store_true", help="replace the results.json an earlier run left in --out "
                    "(without it such a folder is refused before any work)")
+    p.add_argument("--keep", metavar="DIR", help="also write a kept result to DIR (e.g. bench/results/<run>): "
+                   "results.json and results.md with the metrics, per-kind rates, hparams, this command, the git "
+                   "commit, machine, package versions, seed and stage times (no weights); bench/tables.py reads them")
     p.add_argument("--save", metavar="DIR", help="also save the edit (encoder, gate, generator, hparams, base-model "
                    "fingerprint) to DIR; reload it with MeGModel.from_pretrained(model, tokenizer, DIR)")
     p.set_defaults(func=main)
@@ -138,6 +141,10 @@ def main(args) -> int:
 
         check_save_target(args.save)
         check_writable_folder(Path(args.save).expanduser().absolute().parent, "--save's parent folder")
+    if args.keep:
+        from .keep import check_keep_target
+
+        check_keep_target(args.keep)
     questions = []
     if args.probe_questions:
         questions = [loc["prompt"] for r in load_requests("auto", args.probe_questions)
@@ -177,6 +184,10 @@ def main(args) -> int:
     print("gate on fresh queries (fraction judged familiar; n): " + ", ".join(
         f"{k} {v:.3f} ({probe['n'][k]})" for k, v in probe["familiar_rate"].items()))
     print(f"neuron fits reproducing the target: {report['fit']['ok']:.3f}")
+    leakage = report["leakage"]
+    print(f"training texts left out because they contain, or lie inside, one of the edit set's "
+          f"{leakage['evaluation_texts']} evaluation texts: {leakage['left_out_total']} "
+          f"({', '.join(f'{k} {v}' for k, v in leakage['left_out'].items() if v) or 'none'})")
     print("\nseconds: " + ", ".join(f"{k} {v:.1f}" for k, v in
                                    {"load": load_s, "pre-eval": pre_s, **report["seconds"], "post-eval": post_s}.items()))
     out = Path(args.out) / "results.json"
@@ -186,7 +197,29 @@ def main(args) -> int:
                      "evaluated_case_ids": [r.get("case_id") for r in evaluated], "saved_edit": args.save,
                      "environment": environment(),
                      "pre": pre["summary"], "post": post["summary"], "report": report,
+                     "training_texts_left_out": report["leakage"],
                      "per_request_post": post["per_request"],
                      "seconds": {"load": load_s, "pre_eval": pre_s, **report["seconds"], "post_eval": post_s}})
     print(f"results: {out}")
+    if args.keep:
+        print(f"kept: {keep_edit_result(args, hp, requests, evaluated, pre, post, report, load_s, pre_s, post_s)}/results.md")
     return 0
+
+
+def keep_edit_result(args, hp, requests, evaluated, pre, post, report, load_s, pre_s, post_s):
+    """The run as a kept result (``megedit.keep``): one MeG row, its gate's rates per query kind, its stage times."""
+    from .keep import keep
+
+    metrics = {k: v for k, v in post["summary"].items() if k in (*METRICS, "score")}
+    row = {"method": "MeG", "n": len(requests), "n_evaluated": len(evaluated), "data": str(args.data), **metrics,
+           "edit_s": sum(report["seconds"].values())}
+    per_kind = {f"{k} (post)": v for k, v in post["summary"].items() if k not in (*METRICS, "score")}
+    per_kind.update({f"gate familiar: {k}": v for k, v in report["gate_probe"]["familiar_rate"].items()})
+    return keep(args.keep, Path(args.keep).name, [row], hp.seed, {"MeG": {"hparams_file": args.hparams,
+                                                                          "hparams": hp.to_dict()}},
+                {"MeG": per_kind}, {"MeG": {"load": load_s, "pre_eval": pre_s, **report["seconds"],
+                                            "post_eval": post_s}},
+                extra={"pre": {"MeG": pre["summary"]}, "training_texts_left_out": {"MeG": report["leakage"]},
+                       "evaluated_case_ids": [r.get("case_id") for r in evaluated],
+                       "gate": {"MeG": report.get("gate")}, "fit": {"MeG": report.get("fit")}},
+                command=getattr(args, "command_line", None))

@@ -12,6 +12,9 @@ def add_parser(sub) -> None:
                    help="numbers of edits to run instead of the config's sizes, e.g. --sizes 100 (the rest later: "
                         "finished sizes and cached z vectors are reused)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--keep", metavar="DIR", help="also write a kept result to DIR (e.g. bench/results/<run>): "
+                   "results.json and results.md with every method's metrics, EasyEdit's own numbers, hparams, this "
+                   "command, the git commit, machine, package versions, seed and times (no weights)")
     p.set_defaults(func=main)
 
 
@@ -22,8 +25,37 @@ def main(args) -> int:
     cfg = load_config(args.config, output=args.output, sizes=args.sizes)
     args.on_interrupt = (f"finished results under {cfg.output}/results are kept, and MEMIT/AlphaEdit's z vectors and "
                          "MeG's stages are cached: run the same command again to continue from there")
+    if args.keep:
+        from .keep import check_keep_target
+
+        check_keep_target(args.keep)
     start = time.time()
     records = ordered([m.name for m in cfg.methods], run(cfg, progress=not args.no_progress))
     print(markdown_table([result_row(r, cfg.metrics) for r in records]))
     print(f"results: {cfg.output}/results.md, .csv, .json, .png ({time.time() - start:.0f} s wall)")
+    if args.keep:
+        print(f"kept: {keep_run_result(args.keep, cfg, records, getattr(args, 'command_line', None))}/results.md")
     return 0
+
+
+def keep_run_result(folder, cfg, records: list[dict], command: str | None = None):
+    """Every (method, size) of the run as one kept result (``megedit.keep``)."""
+    from pathlib import Path
+
+    from .keep import METRICS, keep
+
+    rows, config, per_kind, seconds = [], {}, {}, {}
+    for r in records:
+        key = f"{r['method']} n={r['n']}"
+        rows.append({"method": r["method"], "n": r["n"], "data": str(cfg.data_path),
+                     **{m: v for m, v in r["summary"].items() if m in METRICS}, "edit_s": r["edit_seconds"],
+                     "peak_gb": r["peak_rss_gb"] if r.get("peak_cuda_gb") is None else r["peak_cuda_gb"],
+                     "easyedit": r["easyedit"], "z_reused": r.get("z_reused", 0)})
+        config[key] = {"hparams_file": r["hparams_file"], "hparams": r["hparams"]}
+        per_kind[key] = {k: v for k, v in r["summary"].items() if k not in METRICS}
+        meg = r.get("meg_report") or {}
+        seconds[key] = {**meg.get("seconds", {}), "edit": r["edit_seconds"], "batch_edit": r["batch_edit_seconds"]}
+    return keep(folder, Path(folder).name, rows, cfg.seed, config, per_kind, seconds,
+                extra={"run_config": str(cfg.path), "training_texts_left_out": {
+                    f"{r['method']} n={r['n']}": r["meg_report"]["leakage"] for r in records
+                    if (r.get("meg_report") or {}).get("leakage")}}, command=command)

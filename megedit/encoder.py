@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .augment import PseudoEditPool
+from .leakage import HeldOutTexts
 
 try:  # sentence-transformers >= 5.x moved the losses
     from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
@@ -29,8 +30,11 @@ def _with_answer(text: str, answer: str | None, rng: random.Random) -> str:
     return f"{text} {answer}" if answer and rng.random() < 0.5 else text
 
 
-def training_columns(pool: PseudoEditPool, n_pairs: int, hard_negatives: bool, seed: int) -> list[list[str]]:
-    """Columns [anchors, positives, (same-relation negatives, same-subject negatives)] from the pool."""
+def training_columns(pool: PseudoEditPool, n_pairs: int, hard_negatives: bool, seed: int,
+                     held_out: HeldOutTexts | None = None) -> list[list[str]]:
+    """Columns [anchors, positives, (same-relation negatives, same-subject negatives)] from the pool.
+
+    A row with any text that leaks an evaluation text of ``held_out`` is left out (and counted there)."""
     rng = random.Random(seed)
     items = [it for it in pool.items if it.rephrase]
     rng.shuffle(items)
@@ -42,6 +46,9 @@ def training_columns(pool: PseudoEditPool, n_pairs: int, hard_negatives: bool, s
             if not near["same_relation"] or not near["same_subject"]:
                 continue
             row += [_with_answer(*near["same_relation"][0], rng), _with_answer(*near["same_subject"][0], rng)]
+        if held_out is not None and any(held_out.leaks(t) for t in row):
+            held_out.left_out["encoder_pairs"] += 1
+            continue
         rows.append(row)
     return [list(col) for col in zip(*rows)]
 
@@ -60,9 +67,11 @@ def trainable_parameters(encoder, last_layers: int) -> list[torch.nn.Parameter]:
     return [p for layer in list(layers)[-last_layers:] for p in layer.parameters()]
 
 
-def tune_encoder(encoder, pool: PseudoEditPool, hp, progress: bool = True) -> dict:
-    """Tune ``encoder`` (a SentenceTransformer) in place; returns {"loss": [...], "seconds": s, "examples": n}."""
-    columns = training_columns(pool, hp.encoder_pairs, hp.encoder_hard_negatives, hp.seed)
+def tune_encoder(encoder, pool: PseudoEditPool, hp, progress: bool = True, held_out: HeldOutTexts | None = None) -> dict:
+    """Tune ``encoder`` (a SentenceTransformer) in place; returns {"loss": [...], "seconds": s, "examples": n}.
+
+    ``held_out``: the edit set's evaluation texts, kept out of the pairs."""
+    columns = training_columns(pool, hp.encoder_pairs, hp.encoder_hard_negatives, hp.seed, held_out)
     n = len(columns[0]) if columns else 0
     if n < 2:
         raise ValueError("the pseudo-edit pool gives fewer than 2 (prompt, paraphrase) pairs: cannot tune the encoder")

@@ -2,19 +2,24 @@
 
 - TF is EasyEdit's definition: feed ``prompt + " " + answer`` in one pass; the share of answer tokens that are the argmax
   at the position before them. Locality TF compares the edited model's argmax tokens at the locality answer's positions
-  with the unedited model's.
+  with the unedited model's. A model that routes each query (MeG) decides on the prompt alone, as ``generate`` does,
+  and is teacher-forced under that decision: the answer being scored never sways the gate. (EasyEdit's own
+  ``compute_edit_quality`` feeds prompt + answer to the model, so MeG routes there on both; ``megedit run`` reports
+  those numbers beside these as EasyEdit's own.)
 - AG: greedy generation of as many tokens as the answer has; 1 if they are exactly the answer's tokens. Locality AG: 1
   if the edited model generates exactly what the unedited model generated.
 - Score: harmonic mean of the six numbers (the MeG paper's).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from statistics import mean
 
 import torch
 from tqdm.auto import tqdm
 
+from .neuron import active_neurons
 from .text import encode_answered
 
 METRICS = ("rel_tf", "rel_ag", "gen_tf", "gen_ag", "loc_tf", "loc_ag")
@@ -32,12 +37,22 @@ def teacher_forced(model, tok, prompts: list[str], answers: list[str], batch_siz
     device = next(model.parameters()).device
     for sl in _batches(len(prompts), batch_size):
         b = encode_answered(tok, prompts[sl], answers[sl])
-        logits = model(input_ids=b.input_ids.to(device), attention_mask=b.attention_mask.to(device)).logits
+        with routed_on_prompts(model, tok, prompts[sl]):
+            logits = model(input_ids=b.input_ids.to(device), attention_mask=b.attention_mask.to(device)).logits
         pred = logits[b.answer_seq, b.answer_pos].argmax(-1).cpu()
         for i in range(len(b.prompt_lengths)):
             sel = b.answer_seq == i
             out.append((pred[sel].tolist(), b.answer_ids[sel].tolist()))
     return out
+
+
+def routed_on_prompts(model, tok, prompts: list[str]):
+    """For a model that routes each query (``MeGModel``): its decision for each prompt alone, exactly as ``generate``
+    takes it, held for a forward pass over the same rows with their answers appended. Other models: nothing to hold."""
+    if not hasattr(model, "route") or not hasattr(model, "edit"):
+        return contextlib.nullcontext()
+    enc = tok(list(prompts), return_tensors="pt", padding=True)
+    return active_neurons(model.route(enc["input_ids"], enc["attention_mask"]))
 
 
 @torch.no_grad()

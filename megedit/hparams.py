@@ -71,6 +71,9 @@ class MeGHyperParams:
     # pseudo-edits: a training split disjoint from the edits (relative paths are looked up under $MEGEDIT_DATA)
     pseudo_edit_data: str | None = None
     pseudo_edit_format: str = "auto"
+    # records of pseudo_edit_data before this one are not in the pool: a validation part carved out of the same file,
+    # on which settings are chosen (e.g. zsRE: records 0-199 validate, 200-999 train; hparams/README.md)
+    pseudo_edit_offset: int = 0
     n_paraphrase_views: int = 6  # per edit: pool rephrasings of its prompt template, the subject swapped in
     n_prefix_views: int = 2  # per edit: its prompt behind a context prefix
     n_near_misses: int = 3  # per edit and kind: same relation/other subject, same subject/other relation, unrelated
@@ -168,7 +171,7 @@ class MeGHyperParams:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise HParamsError(f"hparams field {name!r} must be positive, got {getattr(self, name)!r}")
-        for name in ("fit_views", "gen_min_steps"):  # 0 is meaningful: every view / no floor
+        for name in ("fit_views", "gen_min_steps", "pseudo_edit_offset"):  # 0 is meaningful: every view / no floor
             if getattr(self, name) < 0:
                 raise HParamsError(f"hparams field {name!r} must be >= 0, got {getattr(self, name)!r}")
         if self.familiarity_classes < 2:

@@ -28,6 +28,7 @@ from .familiarity import FamiliarityNet, choose_thresholds, train_familiarity
 from .fitting import fit_neurons
 from .generator import NeuronGenerator
 from .hparams import MeGHyperParams
+from .leakage import HeldOutTexts
 from .loading import load_encoder
 from .model import MeGEdit, MeGModel
 from .neuron import remove_neuron
@@ -53,14 +54,19 @@ class TrainingTexts:
 
 
 def load_pool(requests: list[dict], hp: MeGHyperParams) -> PseudoEditPool | None:
-    """The pseudo-edit pool, without any record about an edited subject; None when the hparams name none."""
+    """The pseudo-edit pool (from ``pseudo_edit_offset`` on), without any record about an edited subject; None when the
+    hparams name none."""
     if not hp.pseudo_edit_data:
         return None
-    return PseudoEditPool(load_requests(hp.pseudo_edit_format, hp.pseudo_edit_data),
+    return PseudoEditPool(load_requests(hp.pseudo_edit_format, hp.pseudo_edit_data, offset=hp.pseudo_edit_offset),
                           exclude_subjects={r.get("subject") for r in requests if r.get("subject")}, seed=hp.seed)
 
 
-def build_texts(requests: list[dict], pool: PseudoEditPool | None, hp: MeGHyperParams) -> TrainingTexts:
+def build_texts(requests: list[dict], pool: PseudoEditPool | None, hp: MeGHyperParams,
+                held_out: HeldOutTexts | None = None) -> TrainingTexts:
+    """The stages' texts; any that contains, or lies inside, an evaluation text of any request is left out (and
+    counted in ``held_out``). An edit's own prompt is always kept: it is the fact being edited."""
+    held_out = held_out if held_out is not None else HeldOutTexts(requests)
     views, positives, positive_edit, negatives = [], [], [], []
     calib_familiar: list[str] = []
     calib_unfamiliar: dict[str, list[str]] = {k: [] for k in NEAR_MISS_KINDS}
@@ -68,21 +74,24 @@ def build_texts(requests: list[dict], pool: PseudoEditPool | None, hp: MeGHyperP
     calib_edits = set(rng.sample(range(len(requests)), min(hp.familiarity_holdout, len(requests))))
     for e, r in enumerate(requests):
         v = pool.views(r, hp.n_paraphrase_views, hp.n_prefix_views) if pool else [r["prompt"]]
+        v = v[:1] + [t for t, _ in held_out.keep_pairs([(t, r["target_new"]) for t in v[1:]], "views")]
         views.append(v)
         for text in v:
             positives += [text, f"{text} {r['target_new']}"]  # routing also sees prompt + answer (teacher forcing)
             positive_edit += [e, e]
         if pool is None:
             continue
-        for pairs in pool.near_misses(r, hp.n_near_misses).values():
-            for text, answer in pairs:
+        for kind, pairs in pool.near_misses(r, hp.n_near_misses).items():
+            for text, answer in held_out.keep_pairs(pairs, f"near_misses.{kind}"):
                 negatives += [text, f"{text} {answer}".strip()]
         if e in calib_edits:
             seen = set(v)
             held = [t for t in pool.views(r, hp.n_paraphrase_views, hp.n_prefix_views, salt="calibration") if t not in seen]
+            held = [t for t, _ in held_out.keep_pairs([(t, r["target_new"]) for t in held], "calibration.familiar")]
             calib_familiar += held[:2] + [f"{t} {r['target_new']}" for t in held[:1]]
             trained = set(negatives)
             for kind, pairs in pool.near_misses(r, 1, salt="calibration").items():
+                pairs = held_out.keep_pairs(pairs, f"calibration.{kind}")
                 calib_unfamiliar[kind] += [t for t, a in pairs if t not in trained]
                 calib_unfamiliar[kind] += [f"{t} {a}".strip() for t, a in pairs if f"{t} {a}".strip() not in trained]
     return TrainingTexts(views, positives, positive_edit, negatives, calib_familiar, calib_unfamiliar)
@@ -96,16 +105,21 @@ def _embed_all(encoder, groups: dict[str, list[str]], batch_size: int, progress:
     return {k: emb[[index[t] for t in texts]] if texts else emb[:0] for k, texts in groups.items()}
 
 
-def _stage1_encoder(pool: PseudoEditPool | None, hp: MeGHyperParams, device, ckpt: RunCheckpoint, progress: bool):
+def _stage1_encoder(pool: PseudoEditPool | None, hp: MeGHyperParams, device, ckpt: RunCheckpoint, progress: bool,
+                    held_out: HeldOutTexts):
     """The (tuned) text encoder and its training report (None when it was not tuned)."""
     if ckpt.has("stage1.json"):
         encoder = ckpt.load_encoder("stage1_encoder", str(device))
         set_rng_state(ckpt.load_tensors("stage1_rng.safetensors"))  # as if stage 1 had just run
-        return encoder.requires_grad_(False), ckpt.load_json("stage1.json")["report"]
+        report = ckpt.load_json("stage1.json")["report"]
+        if report is not None:  # the pairs it left out, for this run's leakage count
+            held_out.left_out["encoder_pairs"] += report.get("left_out_leaking_pairs", 0)
+        return encoder.requires_grad_(False), report
     encoder = load_encoder(hp.encoder_name, device=str(device))
     report = None
     if hp.encoder_tune and pool is not None:
-        report = {k: v for k, v in tune_encoder(encoder, pool, hp, progress).items() if k != "loss"}
+        report = {k: v for k, v in tune_encoder(encoder, pool, hp, progress, held_out).items() if k != "loss"}
+        report["left_out_leaking_pairs"] = held_out.left_out["encoder_pairs"]
         ckpt.save_encoder("stage1_encoder", encoder)
         ckpt.save_tensors("stage1_rng.safetensors", rng_state())
         ckpt.save_json("stage1.json", {"report": report})  # last: stage 1 is complete
@@ -187,11 +201,13 @@ def train_meg(model, tok, requests: list[dict], hp: MeGHyperParams, progress: bo
         report["resumed"] = True
     t0 = time.time()
     pool = load_pool(requests, hp)
-    texts = build_texts(requests, pool, hp)
+    held_out = HeldOutTexts(requests)  # no training text may contain, or lie inside, any of their evaluation texts
+    texts = build_texts(requests, pool, hp, held_out)
     report["seconds"]["views"] = time.time() - t0
 
     ckpt.begin("stage1_encoder")  # checkpointed stages: their seconds include earlier processes' saved work
-    encoder, encoder_report = _stage1_encoder(pool, hp, device, ckpt, progress)
+    encoder, encoder_report = _stage1_encoder(pool, hp, device, ckpt, progress, held_out)
+    report["leakage"] = held_out.report()
     if encoder_report is not None:
         report["encoder"] = encoder_report
     report["seconds"]["stage1_encoder"] = ckpt.seconds()

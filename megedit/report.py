@@ -10,9 +10,11 @@ import numpy as np
 TITLES = {"rel_tf": "Rel TF", "rel_ag": "Rel AG", "gen_tf": "Gen TF", "gen_ag": "Gen AG", "loc_tf": "Loc TF",
           "loc_ag": "Loc AG", "score": "Score", "ee_rewrite": "EE rewrite", "ee_rephrase": "EE rephrase",
           "ee_locality": "EE locality", "edit_s": "edit time (s)", "peak_gb": "peak mem (GB)"}
-NOTE = ("Rel/Gen/Loc in %: TF = teacher-forced token accuracy (EasyEdit's definition), AG = exact greedy generation; "
+NOTE = ("Rel/Gen/Loc in %: TF = teacher-forced token accuracy (EasyEdit's definition; MeG routed on the prompt alone, "
+        "as in generation), AG = exact greedy generation; "
         "Loc compares with the unedited model. Score = harmonic mean of the six. EE = EasyEdit's own "
-        "compute_edit_quality on the same edited model (its batch_edit output). Edit time = EasyEdit's execution "
+        "compute_edit_quality on the same edited model (its batch_edit output; MeG routed on prompt + answer there). "
+        "Edit time = EasyEdit's execution "
         "time of the edit call(s). Peak mem = peak resident memory of the process that ran the method (peak CUDA "
         "memory on a GPU).")
 

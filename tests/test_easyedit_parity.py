@@ -1,5 +1,7 @@
 """megedit's teacher-forced numbers equal EasyEdit's ``compute_edit_quality`` on the same model and requests,
-for a plain model and for MeG's edited model coming out of ``BaseEditor.batch_edit``."""
+for a plain model and for MeG's edited model coming out of ``BaseEditor.batch_edit`` (routed, as EasyEdit routes it,
+on prompt + answer)."""
+import contextlib
 import importlib
 
 import pytest
@@ -53,8 +55,11 @@ def test_plain_model_teacher_forced_parity(model_path):
     assert any(0 < m["rel_tf"] < 1 for m in ours), "targets should be partly right, or the test proves little"
 
 
-def test_easyedit_metrics_on_meg_through_baseeditor(model_path):
-    """EasyEdit's own evaluator runs unchanged on MeG's edited model; its numbers are megedit's."""
+def test_easyedit_metrics_on_meg_through_baseeditor(model_path, monkeypatch):
+    """EasyEdit's own evaluator runs unchanged on MeG's edited model; its numbers are megedit's TF routed as EasyEdit
+    routes, on prompt + answer (megedit's own TF routes on the prompt alone: tests/test_prompt_routed_tf.py)."""
+    import megedit.evaluate
+
     from easyeditor import BaseEditor
 
     editor = BaseEditor.from_hparams(meg_hparams(model_path))
@@ -67,7 +72,9 @@ def test_easyedit_metrics_on_meg_through_baseeditor(model_path):
         locality_ground_truth=[r["locality"]["neighborhood"]["ground_truth"] for r in requests],
         subject=[r["subject"] for r in requests],
         keep_original_weight=False, verbose=False)
-    ours = evaluate_requests(edited, editor.tok, requests, reference, batch_size=1, progress=False)["per_request"]
+    with monkeypatch.context() as m:  # no prompt-only decision held: the model routes on the whole fed text
+        m.setattr(megedit.evaluate, "routed_on_prompts", lambda *a: contextlib.nullcontext())
+        ours = evaluate_requests(edited, editor.tok, requests, reference, batch_size=1, progress=False)["per_request"]
     for mine, ee in zip(ours, metrics):
         assert mine["rel_tf"] == pytest.approx(ee["post"]["rewrite_acc"][0])
         assert mine["gen_tf"] == pytest.approx(ee["post"]["rephrase_acc"][0])

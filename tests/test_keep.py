@@ -1,0 +1,71 @@
+"""Kept results: ``megedit edit --keep`` writes a small record of the run, and bench/tables.py rebuilds README tables
+from such records."""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from megedit.cli import main
+
+from test_cli import assert_one_line_error, edits_file, no_model_loading, run_edit, tiny_model_dir, tiny_yaml  # noqa: F401
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tables():
+    spec = importlib.util.spec_from_file_location("bench_tables", ROOT / "bench" / "tables.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_edit_keeps_a_result_that_the_tables_are_built_from(tmp_path, capsys):
+    kept = tmp_path / "repo" / "bench" / "results" / "tiny4"
+    argv = ["edit", str(tiny_yaml(tmp_path, tiny_model_dir(tmp_path), seed=2)), "--data", str(edits_file(tmp_path)),
+            "--n", "4", "--out", str(tmp_path / "out"), "--keep", str(kept)]
+    assert main(argv) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert f"kept: {kept}/results.md" in out and "training texts left out" in out
+    assert sorted(p.name for p in kept.iterdir()) == ["results.json", "results.md"]  # no weights
+    record = json.loads((kept / "results.json").read_text())
+    full = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert record["command"] == "megedit " + " ".join(argv)
+    assert record["seed"] == 2 and record["config"]["MeG"]["hparams"]["seed"] == 2
+    assert record["git"]["commit"] is None or len(record["git"]["commit"]) == 40
+    assert record["packages"]["torch"] and record["machine"]["cpus"] >= 1
+    (row,) = record["rows"]
+    assert row["method"] == "MeG" and row["n"] == 4
+    assert {m: row[m] for m in ("rel_tf", "gen_ag", "loc_tf", "score")} == \
+        {m: full["post"][m] for m in ("rel_tf", "gen_ag", "loc_tf", "score")}
+    assert set(record["seconds"]["MeG"]) >= {"stage1_encoder", "stage3_neurons", "stage4_generator", "post_eval"}
+    assert "gate familiar: edit_prompt" in record["per_kind"]["MeG"]
+    assert record["training_texts_left_out"]["MeG"] == full["training_texts_left_out"]
+    md = (kept / "results.md").read_text()
+    assert record["command"] in md and f"| MeG | 4 |" in md
+
+    # the README table between the markers comes from that file, and --check sees a hand edit
+    readme = tmp_path / "repo" / "README.md"
+    readme.write_text("intro\n<!-- kept-table: bench/results/tiny4 -->\nold\n<!-- /kept-table -->\nend\n")
+    assert tables().main(["--root", str(tmp_path / "repo")]) == 0
+    text = readme.read_text()
+    assert "old" not in text and text.startswith("intro\n") and text.endswith("<!-- /kept-table -->\nend\n")
+    assert f"| MeG | 4 | {edits_file(tmp_path)} | {row['rel_tf']:.1f} |" in text
+    assert "[bench/results/tiny4/results.md](bench/results/tiny4/results.md)" in text
+    assert tables().main(["--root", str(tmp_path / "repo"), "--check"]) == 0
+    readme.write_text(text.replace(f"| {row['score']:.1f} |", "| 99.9 |"))
+    assert tables().main(["--root", str(tmp_path / "repo"), "--check"]) == 1
+
+    # a kept result is never overwritten: refused before the model is loaded
+    rc, err, elapsed = run_edit(capsys, *argv[1:])
+    assert_one_line_error(rc, err, elapsed, "already holds a kept result")
+
+
+def test_kept_table_naming_a_missing_folder_fails(tmp_path):
+    (tmp_path / "README.md").write_text("<!-- kept-table: bench/results/none -->\n<!-- /kept-table -->\n")
+    with pytest.raises(SystemExit, match="bench/results/none, which has no results.json"):
+        tables().main(["--root", str(tmp_path)])
+
+
+def test_the_committed_readmes_match_their_kept_results():
+    assert tables().main(["--check"]) == 0
