@@ -56,8 +56,9 @@ def test_edit_keeps_a_result_that_the_tables_are_built_from(tmp_path, capsys):
     readme.write_text(text.replace(f"| {row['score']:.1f} |", "| 99.9 |"))
     assert tables().main(["--root", str(tmp_path / "repo"), "--check"]) == 1
 
-    # a kept result is never overwritten: refused before the model is loaded
-    rc, err, elapsed = run_edit(capsys, *argv[1:])
+    # a kept result is never overwritten, not even with --overwrite (which only frees --out): refused before the
+    # model is loaded
+    rc, err, elapsed = run_edit(capsys, *argv[1:], "--overwrite")
     assert_one_line_error(rc, err, elapsed, "already holds a kept result")
 
 
