@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 # subcommand modules: each has add_parser(subparsers) and main(args)
-COMMANDS = ["megedit.cli_edit", "megedit.cli_stats", "megedit.cli_run"]
+COMMANDS = ["megedit.cli_edit", "megedit.cli_stats", "megedit.cli_run", "megedit.cli_ask"]
 
 
 def environment() -> dict:
