@@ -129,8 +129,9 @@ def main(args) -> int:
         check_save_target(args.save)
     questions = []
     if args.probe_questions:
-        questions = [loc["prompt"] for r in load_requests("auto", args.probe_questions)
-                     for loc in (r.get("locality") or {}).values() if isinstance(loc, dict) and loc.get("prompt")]
+        from .probe import locality_prompts
+
+        questions = [p for r in load_requests("auto", args.probe_questions) for p in locality_prompts(r)]
     started = time.time()
     model, tok = load_model(hp)
     check_layer(model, hp.layer)

@@ -32,6 +32,11 @@ def _prompts(entry) -> list[str]:
     return [p for p in (prompts if isinstance(prompts, list) else [prompts]) if isinstance(p, str) and p]
 
 
+def locality_prompts(request: dict) -> list[str]:
+    """Every locality prompt of a request, all kinds (KnowEdit keeps several per kind)."""
+    return [p for entry in (request.get("locality") or {}).values() for p in _prompts(entry)]
+
+
 def _by_kind(requests: list[dict], field: str) -> dict[str, list[str]]:
     kinds: dict[str, list[str]] = {}
     for r in requests:
@@ -59,7 +64,7 @@ def gate_probe(edit: MeGEdit, requests: list[dict], pool: PseudoEditPool | None,
     groups: dict[str, list[str]] = {
         "edit_prompt": [r["prompt"] for r in requests],
         "rephrase": [r["rephrase_prompt"] for r in requests if r.get("rephrase_prompt")],
-        "locality": [p for r in requests for loc in (r.get("locality") or {}).values() for p in _prompts(loc)],
+        "locality": [p for r in requests for p in locality_prompts(r)],
     }
     locality_kinds = _by_kind(requests, "locality")
     if len(locality_kinds) > 1:  # one kind alone would repeat "locality"

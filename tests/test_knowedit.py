@@ -113,3 +113,33 @@ def test_easyedit_gets_plain_strings(requests):
     assert all(isinstance(a, str) for a in inputs["locality_ground_truth"])
     assert inputs["rephrase_prompts"] is None
     assert inputs["locality_prompts"][0] == requests[0]["locality"]["Relation_Specificity"]["prompt"][0]
+
+
+def test_megedit_edit_on_a_knowedit_split(tmp_path, capsys):
+    """`megedit edit --format knowedit --split reported` on a tiny llama: the first records of that part are edited,
+    each kind is in the table and results.json, and a KnowEdit file's locality prompts can be probe questions."""
+    from megedit.cli import main
+    from test_cli import tiny_model_dir, tiny_yaml
+    from tiny_meg import EDITS
+
+    data = tmp_path / "knowedit.json"  # tiny_meg's single-token edits (a tiny model can learn them) as KnowEdit
+    data.write_text(json.dumps([{
+        "subject": r["subject"], "prompt": r["prompt"], "target_new": r["target_new"], "ground_truth": ["x", "y"],
+        "locality": {"Relation_Specificity": [{"prompt": f"The gender of {r['subject']} is", "ground_truth": "male"}]},
+        "portability": {"Subject_Aliasing": [{"prompt": r["prompt"].replace(r["subject"], r["subject"].upper()),
+                                              "ground_truth": [[r["target_new"]]]}]}} for r in EDITS]))
+    assert [split_of(i) for i in range(4)] == ["reported", "validation", "reported", "reported"]
+    model_dir = tiny_model_dir(tmp_path)
+    rc = main(["edit", str(tiny_yaml(tmp_path, model_dir)), "--data", str(data), "--format", "knowedit",
+               "--split", "reported", "--n", "2", "--probe-questions", str(data),
+               "--out", str(tmp_path / "out")])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["split"] == "reported" and results["evaluated_case_ids"] == [0, 2]
+    kinds = ("loc_tf.Relation_Specificity", "loc_ag.Relation_Specificity", "port_tf.Subject_Aliasing",
+             "port_ag.Subject_Aliasing")
+    assert all(k in results["post"] and k in results["pre"] and f"\n{k} " in out for k in kinds)
+    assert results["pre"]["loc_tf.Relation_Specificity"] == 100.0 and "gen_tf" not in results["post"]
+    assert "(reported part)" in out
+    assert results["report"]["gate_probe"]["n"]["questions"] == len(EDITS)  # one Relation_Specificity prompt each
