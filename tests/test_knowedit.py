@@ -143,3 +143,27 @@ def test_megedit_edit_on_a_knowedit_split(tmp_path, capsys):
     assert results["pre"]["loc_tf.Relation_Specificity"] == 100.0 and "gen_tf" not in results["post"]
     assert "(reported part)" in out
     assert results["report"]["gate_probe"]["n"]["questions"] == len(EDITS)  # one Relation_Specificity prompt each
+
+
+def test_bench_pool_adds_the_other_part_only(tmp_path, monkeypatch):
+    """bench/knowedit_pool.py: CounterFact's train split plus the reported part's prompts and same-subject prompts,
+    nothing about a validation record's subject, readable as a pseudo-edit pool."""
+    from pathlib import Path
+
+    from megedit.augment import PseudoEditPool
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench"))
+    import knowedit_pool
+
+    out = tmp_path / "pool.json"
+    assert knowedit_pool.main(["--counterfact", str(data_dir() / "counterfact/counterfact-train.json"),
+                               "--knowedit", str(data_dir() / FILE), "--part", "reported", "--out", str(out)]) == 0
+    pool = load_requests("auto", out)
+    added = [r for r in pool if str(r["case_id"]).startswith("knowedit-")]
+    reported = load_requests("knowedit", data_dir() / FILE, split="reported")
+    validation = load_requests("knowedit", data_dir() / FILE, split="validation")
+    n_same = sum(len(r["locality"].get("Relation_Specificity", {"prompt": []})["prompt"]) for r in reported)
+    assert len(pool) - len(added) == 10000 and len(reported) < len(added) <= len(reported) + n_same
+    only_validation = {r["subject"] for r in validation} - {r["subject"] for r in reported}
+    assert only_validation and not only_validation & {r["subject"] for r in added}
+    assert "The gender of {} is" in PseudoEditPool(pool).by_template  # KnowEdit's most common same-subject relation
