@@ -41,8 +41,8 @@ def result_row(record: dict, metrics: list[str]) -> dict:
 
 def title(column: str) -> str:
     """``loc_tf.Relation_Specificity`` -> "Loc Relation_Specificity TF"; fixed columns from TITLES."""
-    if column in TITLES:
-        return TITLES[column]
+    if column in TITLES or "." not in column:
+        return TITLES.get(column, column)
     prefix, kind = column.split(".", 1)
     group, mode = prefix.split("_")
     return f"{'Loc' if group == 'loc' else 'Port'} {kind} {mode.upper()}"
