@@ -13,6 +13,7 @@ _EXPORTS = {
     "load_requests": "data", "validate_requests": "data", "make_requests": "data",
     "evaluate_requests": "evaluate", "locality_reference": "evaluate",
     "MeGEdit": "model", "MeGModel": "model",
+    "trace_query": "trace",
 }
 __all__ = list(_EXPORTS)
 

@@ -7,6 +7,8 @@ Layout of the folder::
     encoder/                 the tuned sentence-transformers model, whole (it is small)
     familiarity.safetensors  the gate, with its thresholds epsilon and tau and its keys
     generator.safetensors    the weight generator, with its normalisation and start noise
+    edits.json               what was edited (case_id, prompt, subject, target_new) and the edit of each gate key, for
+                             ``megedit ask`` (optional: edits saved before it existed load without it)
 
 The folder is built under a temporary name and renamed into place, and the manifest is written last, so an interrupted
 save never leaves a folder that loads. Loading checks every file's hash, and refuses a base model whose fingerprint
@@ -28,6 +30,7 @@ from .arch import arch_of, decoder_layers, hidden_size
 from .atomic import atomic_dir, recover_leftovers
 
 MANIFEST = "megedit_edit.json"
+EDITS = "edits.json"
 FORMAT = 2  # 2: the manifest carries manifest_sha256, a hash of all its other fields
 READABLE_FORMATS = (1, FORMAT)
 MANIFEST_KEYS = ("format", "layer", "familiarity", "generator", "base_model", "files")
@@ -111,6 +114,8 @@ def save_edit(edit, directory: str | os.PathLike, fingerprint: dict) -> Path:
         save_file(_plain(fam.state_dict()), str(tmp / "familiarity.safetensors"))
         save_file(_plain(edit.generator.state_dict()), str(tmp / "generator.safetensors"))
         (tmp / "hparams.yaml").write_text(yaml.safe_dump(edit.hparams.to_dict(), sort_keys=False))
+        if edit.edits is not None:
+            (tmp / EDITS).write_text(json.dumps({"edits": edit.edits, "key_edit": edit.key_edit}, default=str))
         manifest = {
             "format": FORMAT, "megedit_version": __version__, "layer": edit.layer,
             "familiarity": {"dim": fam.keys.shape[1], "hidden": fam.blocks[0].ff[0].out_features if len(fam.blocks) else 1,
@@ -188,4 +193,6 @@ def load_edit(directory: str | os.PathLike, base_model=None, device: str | None 
                          f"({str(e).splitlines()[0]}); the saved edit is damaged; save it again") from None
     for module in (encoder, familiarity, generator):
         module.to(device).eval().requires_grad_(False)
-    return MeGEdit(encoder, familiarity, generator, manifest["layer"], hp, base_fingerprint=manifest["base_model"])
+    edits = json.loads((directory / EDITS).read_text()) if EDITS in manifest["files"] else {}
+    return MeGEdit(encoder, familiarity, generator, manifest["layer"], hp, base_fingerprint=manifest["base_model"],
+                   edits=edits.get("edits"), key_edit=edits.get("key_edit"))

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 # subcommand modules: each has add_parser(subparsers) and main(args)
-COMMANDS = ["megedit.cli_edit", "megedit.cli_stats", "megedit.cli_run"]
+COMMANDS = ["megedit.cli_edit", "megedit.cli_stats", "megedit.cli_run", "megedit.cli_ask"]
 # a user's mistake (bad value, missing or unwritable path), reported in one line; anything else is a bug and keeps its
 # traceback. HParamsError, yaml and JSON errors reach here as ValueError.
 USER_ERRORS = (ValueError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)

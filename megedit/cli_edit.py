@@ -23,8 +23,12 @@ METRICS = ("rel_tf", "rel_ag", "gen_tf", "gen_ag", "loc_tf", "loc_ag")  # as meg
 def add_parser(sub) -> None:
     p = sub.add_parser("edit", help="apply MeG to the hparams' model and report Rel/Gen/Loc before and after")
     p.add_argument("hparams", help="MeG hparams YAML, e.g. hparams/MeG/smollm2-135m.yaml")
-    p.add_argument("--data", required=True, help="edit requests (CounterFact, ROME CounterFact or MEND zsRE JSON)")
-    p.add_argument("--format", default="auto", help="data format: auto, counterfact, counterfact-rome, zsre")
+    p.add_argument("--data", required=True, help="edit requests (CounterFact, ROME CounterFact, MEND zsRE or KnowEdit "
+                   "JSON)")
+    p.add_argument("--format", default="auto", help="data format: auto, counterfact, counterfact-rome, zsre, knowedit")
+    p.add_argument("--split", choices=("validation", "reported"), help="only this part of the file (a fixed ~30/70 "
+                   "split by record position, megedit.knowedit.split_of): choose settings on validation, report on "
+                   "reported; --n and --offset then count within the part")
     # under torchrun / accelerate launch write --num-edits: their parsers take --n for an abbreviation of their own
     p.add_argument("--n", "--num-edits", dest="n", type=int, default=100, help="number of edits")
     p.add_argument("--offset", type=int, default=0, help="first record to edit")
@@ -64,9 +68,14 @@ def parse_overrides(pairs: list[str]) -> dict:
 
 
 def format_table(pre: dict, post: dict) -> str:
-    rows = [f"{'metric':<8} {'pre':>7} {'post':>7}"]
-    for m in (*METRICS, "score"):
-        rows.append(f"{m:<8} {pre.get(m, float('nan')):7.1f} {post.get(m, float('nan')):7.1f}")
+    """The six metrics and Score, then each locality/portability kind's TF and AG (``loc_tf.<kind>``, ...)."""
+    from .evaluate import kind_metrics
+
+    names = [*METRICS, "score", *kind_metrics(post)]
+    width = max(8, *(len(m) for m in names))
+    rows = [f"{'metric':<{width}} {'pre':>7} {'post':>7}"]
+    for m in names:
+        rows.append(f"{m:<{width}} {pre.get(m, float('nan')):7.1f} {post.get(m, float('nan')):7.1f}")
     return "\n".join(rows)
 
 
@@ -111,7 +120,7 @@ def main(args) -> int:
     if args.device:
         changes["device"] = args.device
     hp = MeGHyperParams.from_dict({**hp.to_dict(), **changes}, source=f"{args.hparams} + overrides")
-    loaded = load_requests(args.format, args.data, n=args.n, offset=args.offset)
+    loaded = load_requests(args.format, args.data, n=args.n, offset=args.offset, split=args.split)
     requests, dropped = loaded, []
     if args.drop_conflicts:
         requests, positions = drop_conflicts(loaded)
@@ -147,8 +156,9 @@ def main(args) -> int:
         check_keep_target(args.keep)
     questions = []
     if args.probe_questions:
-        questions = [loc["prompt"] for r in load_requests("auto", args.probe_questions)
-                     for loc in (r.get("locality") or {}).values() if isinstance(loc, dict) and loc.get("prompt")]
+        from .probe import locality_prompts
+
+        questions = [p for r in load_requests("auto", args.probe_questions) for p in locality_prompts(r)]
     started = time.time()
     model, tok = load_model(hp)
     check_layer(model, hp.layer)
@@ -175,7 +185,8 @@ def main(args) -> int:
 
     sampled = f", evaluated on {len(evaluated)} of them (uniform sample, seed {hp.seed})" \
         if len(evaluated) < len(requests) else ""
-    print(f"\nMeG on {hp.model_name}, {len(requests)} edits from {args.data}{sampled}")
+    part = f" ({args.split} part)" if args.split else ""
+    print(f"\nMeG on {hp.model_name}, {len(requests)} edits from {args.data}{part}{sampled}")
     print(format_table(pre["summary"], post["summary"]))
     gate = report.get("gate", {})
     print(f"\ngate: epsilon={gate.get('epsilon', float('nan')):.4f}  calibration: familiar passed "
@@ -192,7 +203,8 @@ def main(args) -> int:
                                    {"load": load_s, "pre-eval": pre_s, **report["seconds"], "post-eval": post_s}.items()))
     out = Path(args.out) / "results.json"
     write_json(out, {"method": "MeG", "hparams": hp.to_dict(), "seed": hp.seed, "data": str(args.data),
-                     "n": len(requests), "offset": args.offset, "dropped_conflicting_case_ids": dropped,
+                     "n": len(requests), "offset": args.offset, "split": args.split,
+                     "dropped_conflicting_case_ids": dropped,
                      "n_evaluated": len(evaluated),
                      "evaluated_case_ids": [r.get("case_id") for r in evaluated], "saved_edit": args.save,
                      "environment": environment(),

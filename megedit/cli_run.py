@@ -19,7 +19,7 @@ def add_parser(sub) -> None:
 
 
 def main(args) -> int:
-    from .report import markdown_table, ordered, result_row
+    from .report import kind_rows, markdown_table, ordered, result_row
     from .runner import load_config, run
 
     cfg = load_config(args.config, output=args.output, sizes=args.sizes)
@@ -32,6 +32,9 @@ def main(args) -> int:
     start = time.time()
     records = ordered([m.name for m in cfg.methods], run(cfg, progress=not args.no_progress))
     print(markdown_table([result_row(r, cfg.metrics) for r in records]))
+    per_kind = kind_rows(records)
+    if per_kind:  # locality and portability of each kind (KnowEdit's same-subject Relation_Specificity, ...)
+        print("\n" + markdown_table(per_kind))
     print(f"results: {cfg.output}/results.md, .csv, .json, .png ({time.time() - start:.0f} s wall)")
     if args.keep:
         print(f"kept: {keep_run_result(args.keep, cfg, records, getattr(args, 'command_line', None))}/results.md")

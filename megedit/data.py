@@ -2,8 +2,8 @@
 
 A request is ``{"case_id", "prompt", "subject", "target_new", "ground_truth", "rephrase_prompt",
 "locality": {"neighborhood": {"prompt", "ground_truth"}}, "portability": {}}`` — what EasyEdit's
-``BaseEditor._prepare_requests`` builds. Files are read where they lie (``$MEGEDIT_DATA`` resolves relative paths);
-nothing is copied.
+``BaseEditor._prepare_requests`` builds (KnowEdit: one locality/portability entry per kind, ``megedit.knowedit``).
+Files are read where they lie (``$MEGEDIT_DATA`` resolves relative paths); nothing is copied.
 """
 from __future__ import annotations
 
@@ -11,7 +11,9 @@ import json
 import os
 from pathlib import Path
 
-FORMATS = ("counterfact", "counterfact-rome", "zsre")
+from .knowedit import from_knowedit, is_knowedit, split_positions
+
+FORMATS = ("counterfact", "counterfact-rome", "zsre", "knowedit")
 
 
 def resolve_data_path(path: str | os.PathLike) -> Path:
@@ -34,11 +36,14 @@ def detect_format(record: dict) -> str:
         return "counterfact-rome"
     if "src" in record and "alt" in record:
         return "zsre"
+    if is_knowedit(record):
+        return "knowedit"
     if "prompt" in record and "target_new" in record:
         return "counterfact"
     raise ValueError(
         f"unknown data format (record keys {sorted(record)}); expected one of {FORMATS}: EasyEdit CounterFact "
-        "(prompt, target_new, ...), ROME CounterFact (requested_rewrite, ...) or MEND zsRE (src, alt, ...)"
+        "(prompt, target_new, ...), ROME CounterFact (requested_rewrite, ...), MEND zsRE (src, alt, ...) or KnowEdit "
+        "(prompt, target_new, locality/portability kinds)"
     )
 
 
@@ -93,11 +98,16 @@ def _from_zsre(r: dict, i: int) -> dict:
     }
 
 
-_CONVERTERS = {"counterfact": _from_counterfact, "counterfact-rome": _from_counterfact_rome, "zsre": _from_zsre}
+_CONVERTERS = {"counterfact": _from_counterfact, "counterfact-rome": _from_counterfact_rome, "zsre": _from_zsre,
+               "knowedit": from_knowedit}
 
 
-def load_requests(fmt: str, path: str | os.PathLike, n: int | None = None, offset: int = 0) -> list[dict]:
-    """Read ``path`` (format ``fmt`` or "auto") and return requests ``offset .. offset+n``."""
+def load_requests(fmt: str, path: str | os.PathLike, n: int | None = None, offset: int = 0,
+                  split: str | None = None) -> list[dict]:
+    """Read ``path`` (format ``fmt`` or "auto") and return requests ``offset .. offset+n``.
+
+    ``split`` ("validation" or "reported", see ``megedit.knowedit.split_of``): only the records of that part of the
+    file, in file order; ``offset`` and ``n`` then count within the part, and case ids stay file positions."""
     if fmt not in FORMATS + ("auto",):
         raise ValueError(f"unknown data format {fmt!r}; choose one of {FORMATS + ('auto',)}")
     if n is not None and n <= 0:
@@ -115,10 +125,12 @@ def load_requests(fmt: str, path: str | os.PathLike, n: int | None = None, offse
         fmt = detect_format(records[0])
     elif detect_format(records[0]) != fmt:
         raise ValueError(f"{p} looks like {detect_format(records[0])!r} data, not {fmt!r}")
-    chosen = records[offset: None if n is None else offset + n]
+    positions = list(range(len(records))) if split is None else split_positions(len(records), split)
+    chosen = positions[offset: None if n is None else offset + n]
     if n is not None and len(chosen) < n:
-        raise ValueError(f"{p} has {len(records)} records; asked for {n} from offset {offset}")
-    return [_convert_record(_CONVERTERS[fmt], fmt, r, offset + i, p) for i, r in enumerate(chosen)]
+        part = "" if split is None else f" ({len(positions)} in its {split} part)"
+        raise ValueError(f"{p} has {len(records)} records{part}; asked for {n} from offset {offset}")
+    return [_convert_record(_CONVERTERS[fmt], fmt, records[i], i, p) for i in chosen]
 
 
 def _convert_record(convert, fmt: str, record, i: int, path: Path) -> dict:

@@ -8,7 +8,14 @@
   those numbers beside these as EasyEdit's own.)
 - AG: greedy generation of as many tokens as the answer has; 1 if they are exactly the answer's tokens. Locality AG: 1
   if the edited model generates exactly what the unedited model generated.
-- Score: harmonic mean of the six numbers (the MeG paper's).
+- Per kind (``loc_tf.<kind>``, ``loc_ag.<kind>``): locality of each kind of locality prompt on its own (CounterFact's
+  ``neighborhood``; KnowEdit's ``Relation_Specificity``, ``Forgetfulness``). ``loc_tf``/``loc_ag`` pool every kind of a
+  request (for CounterFact: its one neighbourhood prompt, as before).
+- Portability per kind (``port_tf.<kind>``, ``port_ag.<kind>``; KnowEdit's ``Subject_Aliasing``, ``Reasoning``,
+  ``Logical_Generalization``): TF on the answer's first alias (EasyEdit's); AG is 1 if greedy generation gives exactly
+  the tokens of any alias.
+- Score: harmonic mean of the six numbers (the MeG paper's); for data without rephrase prompts (KnowEdit) of the four
+  Rel and Loc numbers. Per-kind and portability numbers never enter it.
 """
 from __future__ import annotations
 
@@ -23,6 +30,7 @@ from .neuron import active_neurons
 from .text import encode_answered
 
 METRICS = ("rel_tf", "rel_ag", "gen_tf", "gen_ag", "loc_tf", "loc_ag")
+KIND_PREFIXES = ("loc_tf", "loc_ag", "port_tf", "port_ag")  # per-kind metrics are named <prefix>.<kind>
 
 
 def _batches(n: int, size: int):
@@ -96,6 +104,51 @@ def _locality_items(requests):
     return items
 
 
+def _locality_kinds(requests) -> list[str]:
+    """The kind of each item of ``_locality_items(requests)``, in the same order."""
+    kinds = []
+    for r in requests:
+        for name, loc in (r.get("locality") or {}).items():
+            prompts = loc["prompt"] if isinstance(loc["prompt"], list) else [loc["prompt"]]
+            answers = loc["ground_truth"] if isinstance(loc["ground_truth"], list) else [loc["ground_truth"]]
+            kinds += [name for p, _ in zip(prompts, answers) if p]
+    return kinds
+
+
+def _portability_items(requests) -> list[tuple[int, str, str, list[str]]]:
+    """(request, kind, prompt, aliases of the answer) for every portability prompt."""
+    from .knowedit import aliases
+
+    items = []
+    for i, r in enumerate(requests):
+        for kind, entry in (r.get("portability") or {}).items():
+            if isinstance(entry["prompt"], list):  # one answer (or alias list) per prompt
+                pairs = zip(entry["prompt"], entry["ground_truth"])
+            else:  # one prompt: a list answer is its aliases
+                pairs = [(entry["prompt"], entry["ground_truth"])]
+            items += [(i, kind, p, aliases(a)) for p, a in pairs if p and aliases(a)]
+    return items
+
+
+@torch.no_grad()
+def portability(model, tok, requests, per: list[dict], batch_size: int = 32) -> None:
+    """Add ``port_tf.<kind>`` and ``port_ag.<kind>`` (means over the request's prompts of that kind) to ``per``."""
+    items = _portability_items(requests)
+    if not items:
+        return
+    prompts, first = [p for _, _, p, _ in items], [a[0] for _, _, _, a in items]
+    tf = teacher_forced(model, tok, prompts, first, batch_size)
+    golds = [[g for _, g in teacher_forced_tokens(tok, [p] * len(a), a)] for _, _, p, a in items]
+    out = greedy(model, tok, prompts, [max(len(g) for g in gold) for gold in golds], batch_size)
+    scores: dict[tuple[int, str], list] = {}
+    for (i, kind, _, _), (pred, gold_first), tokens, gold in zip(items, tf, out, golds):
+        s = scores.setdefault((i, kind), [[], []])
+        s[0].append(mean(float(a == b) for a, b in zip(pred, gold_first)))
+        s[1].append(float(any(tokens[:len(g)] == g for g in gold)))
+    for (i, kind), (t, a) in scores.items():
+        per[i][f"port_tf.{kind}"], per[i][f"port_ag.{kind}"] = mean(t), mean(a)
+
+
 @torch.no_grad()
 def locality_reference(model, tok, requests, batch_size: int = 32) -> dict:
     """What the unedited model predicts on each locality prompt (TF argmax tokens and greedy tokens)."""
@@ -118,6 +171,9 @@ def evaluate_requests(model, tok, requests, reference: dict | None = None, batch
     parts.append(("gen", [requests[i]["rephrase_prompt"] for i in gen_idx], gen_idx))
     bar = tqdm(total=4 if reference is None else 6, desc="evaluate", disable=not progress)
     for name, prompts, idx in parts:
+        if not prompts:  # e.g. KnowEdit: no rephrase prompts, no Generality
+            bar.update(2)
+            continue
         targets = [requests[i]["target_new"] for i in idx]
         for i, (pred, gold) in zip(idx, teacher_forced(model, tok, prompts, targets, batch_size)):
             per[i][f"{name}_tf"] = mean(float(a == b) for a, b in zip(pred, gold))
@@ -135,12 +191,18 @@ def evaluate_requests(model, tok, requests, reference: dict | None = None, batch
         ag = greedy(model, tok, prompts, [answer_length(tok, p, a) for p, a in zip(prompts, answers)], batch_size)
         bar.update()
         scores: dict[int, list] = {}
-        for (i, _, _), (pred, _), ref_tf, out, ref_ag in zip(items, tf, reference["tf"], ag, reference["ag"]):
-            s = scores.setdefault(i, [[], []])
-            s[0].append(mean(float(a == b) for a, b in zip(pred, ref_tf)))
-            s[1].append(float(out == ref_ag))
+        by_kind: dict[tuple[int, str], list] = {}
+        for (i, _, _), kind, (pred, _), ref_tf, out, ref_ag in zip(items, _locality_kinds(requests), tf,
+                                                                   reference["tf"], ag, reference["ag"]):
+            match = (mean(float(a == b) for a, b in zip(pred, ref_tf)), float(out == ref_ag))
+            for s in (scores.setdefault(i, [[], []]), by_kind.setdefault((i, kind), [[], []])):
+                s[0].append(match[0])
+                s[1].append(match[1])
         for i, (t, a) in scores.items():
             per[i]["loc_tf"], per[i]["loc_ag"] = mean(t), mean(a)
+        for (i, kind), (t, a) in by_kind.items():
+            per[i][f"loc_tf.{kind}"], per[i][f"loc_ag.{kind}"] = mean(t), mean(a)
+    portability(model, tok, requests, per, batch_size)
     bar.close()
     return {"per_request": per, "summary": summarise(per)}
 
@@ -150,9 +212,16 @@ def teacher_forced_tokens(tok, prompts, answers):
     return [(None, b.answer_ids[b.answer_seq == i].tolist()) for i in range(len(prompts))]
 
 
+def kind_metrics(keys) -> list[str]:
+    """The per-kind metric names among ``keys`` (``loc_tf.<kind>``, ``port_ag.<kind>``, ...): locality first, each
+    kind's TF then AG."""
+    found = {k for k in keys if "." in k and k.split(".", 1)[0] in KIND_PREFIXES}
+    return sorted(found, key=lambda k: (k.startswith("port"), k.split(".", 1)[1], k.split(".", 1)[0].endswith("ag")))
+
+
 def summarise(per_request: list[dict]) -> dict:
     summary = {}
-    for m in METRICS:
+    for m in (*METRICS, *kind_metrics({k for p in per_request for k in p})):
         values = [p[m] for p in per_request if m in p]
         if values:
             summary[m] = 100.0 * mean(values)
@@ -161,8 +230,10 @@ def summarise(per_request: list[dict]) -> dict:
 
 
 def score(summary: dict) -> float:
-    """Harmonic mean of the six metrics (in %); 0 if any is 0, NaN if one is missing."""
-    values = [summary.get(m) for m in METRICS]
+    """Harmonic mean of the six metrics (in %); 0 if any is 0, NaN if one is missing. Data without rephrase prompts
+    (no gen_tf and no gen_ag, e.g. KnowEdit): the harmonic mean of the four Rel and Loc numbers."""
+    names = METRICS if "gen_tf" in summary or "gen_ag" in summary else [m for m in METRICS if not m.startswith("gen")]
+    values = [summary.get(m) for m in names]
     if any(v is None for v in values):
         return math.nan
     if any(v <= 0 for v in values):

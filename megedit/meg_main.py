@@ -248,7 +248,10 @@ def train_meg(model, tok, requests: list[dict], hp: MeGHyperParams, progress: bo
                                                  fit.weights[ok], hp, progress, checkpoint=ckpt)
     generator.requires_grad_(False)
     report["seconds"]["stage4_generator"] = ckpt.seconds()
-    return MeGEdit(encoder, familiarity, generator, hp.layer, hp, base_fingerprint=fingerprint), report
+    edits = [{k: r.get(k) for k in ("case_id", "prompt", "subject", "target_new")} for r in requests]
+    key_edit = texts.positive_edit[0::2]  # the gate's keys are the bare views: every other positive
+    return MeGEdit(encoder, familiarity, generator, hp.layer, hp, base_fingerprint=fingerprint, edits=edits,
+                   key_edit=key_edit), report
 
 
 def apply_meg_to_model(model, tok, requests, hparams: MeGHyperParams, copy: bool = False,

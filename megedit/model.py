@@ -21,7 +21,8 @@ class MeGEdit(nn.Module):
     """Encoder + familiarity gate + weight generator, and the layer whose MLP gets the neuron."""
 
     def __init__(self, encoder: nn.Module, familiarity: FamiliarityNet, generator: nn.Module, layer: int, hparams,
-                 base_fingerprint: dict | None = None):
+                 base_fingerprint: dict | None = None, edits: list[dict] | None = None,
+                 key_edit: list[int] | None = None):
         super().__init__()
         self.encoder = encoder
         self.familiarity = familiarity
@@ -29,6 +30,10 @@ class MeGEdit(nn.Module):
         self.layer = layer
         self.hparams = hparams
         self.base_fingerprint = base_fingerprint  # of the model it was trained on (megedit.artifact.base_fingerprint)
+        # what was edited ({case_id, prompt, subject, target_new} per edit) and, per gate key, the edit it is a view
+        # of: lets a trace name the edits a query resembles (megedit.trace); None for edits saved before they existed
+        self.edits = edits
+        self.key_edit = key_edit
 
     def save_pretrained(self, directory, base_model: nn.Module | None = None):
         """Write the edit alone to ``directory`` (see ``megedit.artifact``); ``base_model`` if it has no fingerprint."""

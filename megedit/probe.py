@@ -2,7 +2,9 @@
 
 Locality rests on the gate alone, so its rates are reported per kind of query:
 - should pass: the edit prompts and their dataset rephrasings (evaluation data; measured here, never trained on);
-- should be blocked: the dataset's locality prompts, fresh near misses of each kind drawn from the pseudo-edit pool with
+  (and, per kind, the dataset's portability prompts, ``portability.<kind>``: KnowEdit's Subject_Aliasing should pass);
+- should be blocked: the dataset's locality prompts (all kinds, and ``locality.<kind>`` per kind where there are several,
+  e.g. KnowEdit's same-subject Relation_Specificity), fresh near misses of each kind drawn from the pseudo-edit pool with
   a salt of their own (minus every text the gate trained or was calibrated on), and unrelated questions (e.g. the NQ
   questions of zsRE's locality set).
 """
@@ -20,6 +22,27 @@ def familiar_rate(edit: MeGEdit, texts: list[str]) -> float | None:
     if not texts:
         return None
     return float(edit.familiarity.familiar(embed(edit.encoder, texts)).float().mean())
+
+
+def _prompts(entry) -> list[str]:
+    """The prompts of one locality/portability entry (a prompt, or a list of them as KnowEdit keeps them)."""
+    if not isinstance(entry, dict):
+        return []
+    prompts = entry.get("prompt")
+    return [p for p in (prompts if isinstance(prompts, list) else [prompts]) if isinstance(p, str) and p]
+
+
+def locality_prompts(request: dict) -> list[str]:
+    """Every locality prompt of a request, all kinds (KnowEdit keeps several per kind)."""
+    return [p for entry in (request.get("locality") or {}).values() for p in _prompts(entry)]
+
+
+def _by_kind(requests: list[dict], field: str) -> dict[str, list[str]]:
+    kinds: dict[str, list[str]] = {}
+    for r in requests:
+        for kind, entry in (r.get(field) or {}).items():
+            kinds.setdefault(kind, []).extend(_prompts(entry))
+    return kinds
 
 
 def _seen_by_training(pool: PseudoEditPool, requests: list[dict], hp) -> set[str]:
@@ -41,9 +64,12 @@ def gate_probe(edit: MeGEdit, requests: list[dict], pool: PseudoEditPool | None,
     groups: dict[str, list[str]] = {
         "edit_prompt": [r["prompt"] for r in requests],
         "rephrase": [r["rephrase_prompt"] for r in requests if r.get("rephrase_prompt")],
-        "locality": [loc["prompt"] for r in requests for loc in (r.get("locality") or {}).values()
-                     if isinstance(loc, dict) and isinstance(loc.get("prompt"), str)],
+        "locality": [p for r in requests for p in locality_prompts(r)],
     }
+    locality_kinds = _by_kind(requests, "locality")
+    if len(locality_kinds) > 1:  # one kind alone would repeat "locality"
+        groups.update({f"locality.{k}": v for k, v in locality_kinds.items()})
+    groups.update({f"portability.{k}": v for k, v in _by_kind(requests, "portability").items()})
     if pool is not None:
         seen = _seen_by_training(pool, requests if trained_on is None else trained_on, edit.hparams)
         fresh = {k: [] for k in NEAR_MISS_KINDS}

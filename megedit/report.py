@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .evaluate import kind_metrics
+
 TITLES = {"rel_tf": "Rel TF", "rel_ag": "Rel AG", "gen_tf": "Gen TF", "gen_ag": "Gen AG", "loc_tf": "Loc TF",
           "loc_ag": "Loc AG", "score": "Score", "ee_rewrite": "EE rewrite", "ee_rephrase": "EE rephrase",
           "ee_locality": "EE locality", "edit_s": "edit time (s)", "peak_gb": "peak mem (GB)"}
@@ -17,6 +19,10 @@ NOTE = ("Rel/Gen/Loc in %: TF = teacher-forced token accuracy (EasyEdit's defini
         "Edit time = EasyEdit's execution "
         "time of the edit call(s). Peak mem = peak resident memory of the process that ran the method (peak CUDA "
         "memory on a GPU).")
+KIND_NOTE = ("Per kind, in %: locality of each kind of locality prompt against the unedited model (CounterFact's "
+             "neighborhood; KnowEdit's Relation_Specificity = same subject, another relation, and Forgetfulness) and "
+             "portability of each kind (KnowEdit's Subject_Aliasing, Reasoning, Logical_Generalization: TF on the "
+             "first alias, AG = greedy generation of any alias). They do not enter the Score.")
 
 
 def ordered(method_names: list[str], records: list[dict]) -> list[dict]:
@@ -35,9 +41,26 @@ def result_row(record: dict, metrics: list[str]) -> dict:
     return row
 
 
+def title(column: str) -> str:
+    """``loc_tf.Relation_Specificity`` -> "Loc Relation_Specificity TF"; fixed columns from TITLES."""
+    if column in TITLES or "." not in column:
+        return TITLES.get(column, column)
+    prefix, kind = column.split(".", 1)
+    group, mode = prefix.split("_")
+    return f"{'Loc' if group == 'loc' else 'Port'} {kind} {mode.upper()}"
+
+
+def kind_rows(records: list[dict]) -> list[dict]:
+    """Per record: method, n and every locality/portability kind's TF and AG (NaN where a record lacks a kind)."""
+    kinds = kind_metrics({k for r in records for k in r["summary"]})
+    if not kinds:
+        return []
+    return [{"method": r["method"], "n": r["n"], **{k: r["summary"].get(k, math.nan) for k in kinds}} for r in records]
+
+
 def markdown_table(rows: list[dict]) -> str:
     cols = [c for c in rows[0] if c not in ("method", "n")]
-    lines = ["| method | n | " + " | ".join(TITLES.get(c, c) for c in cols) + " |",
+    lines = ["| method | n | " + " | ".join(title(c) for c in cols) + " |",
              "|---|---:|" + "---:|" * len(cols)]
     for r in rows:
         cells = [f"{r[c]:.1f}" if c != "peak_gb" else f"{r[c]:.2f}" for c in cols]
@@ -54,13 +77,17 @@ def time_notes(records: list[dict]) -> list[str]:
         for r in records if (r.get("meg_report") or {}).get("resumed")]
 
 
-def write_tables(output: Path, title: str, rows: list[dict], records: list[dict]) -> None:
+def write_tables(output: Path, name: str, rows: list[dict], records: list[dict]) -> None:
+    """results.csv (every column, per-kind ones last) and results.md (the main table, then the per-kind one)."""
+    per_kind = kind_rows(records)  # records and rows are in the same order
+    merged = [{**row, **kinds} for row, kinds in zip(rows, per_kind)] if per_kind else rows
     with open(output / "results.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer = csv.DictWriter(f, fieldnames=list(merged[0]))
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows(merged)
     notes = "\n".join(time_notes(records))
-    (output / "results.md").write_text(f"# {title}\n\n{markdown_table(rows)}\n\n{NOTE}\n" +
+    kinds = f"\n## Locality and portability per kind\n\n{markdown_table(per_kind)}\n\n{KIND_NOTE}\n" if per_kind else ""
+    (output / "results.md").write_text(f"# {name}\n\n{markdown_table(rows)}\n\n{NOTE}\n" + kinds +
                                        (f"\n{notes}\n" if notes else ""))
 
 

@@ -5,6 +5,8 @@ A config (see ``examples/quick_compare.yaml``)::
     model: smollm2-135m            # optional: replaces each method's model_name
     device: cpu                    # optional: replaces each method's device
     data: {format: counterfact, path: counterfact/counterfact-edit.json, offset: 0}
+                                   # (KnowEdit: {format: knowedit, path: ..., split: validation}: one part of the
+                                   # file, megedit.knowedit.split_of; offset and sizes count within it)
     sizes: [100]                   # numbers of edits; each size uses the first n requests
                                    # (data: {..., drop_conflicts: true}: less those whose prompt an earlier request
                                    # edits to another target; without it such requests stop the run before it starts)
@@ -49,6 +51,7 @@ import torch
 from . import report
 from .yaml_file import read_yaml_mapping
 from .data import drop_conflicts, load_requests, validate_requests
+from .knowedit import SPLITS, first_item
 from .evaluate import METRICS, evaluate_requests, locality_reference
 
 CONFIG_KEYS = {"name", "model", "device", "data", "sizes", "methods", "metrics", "output", "seed", "isolate", "z_cache",
@@ -84,6 +87,7 @@ class RunConfig:
     z_cache: Path | None = None
     share_z: bool = False
     drop_conflicts: bool = False
+    split: str | None = None  # "validation" / "reported": that part of the file only (megedit.knowedit)
 
 
 def load_config(path: str | Path, output: str | None = None, sizes: list[int] | None = None) -> RunConfig:
@@ -100,10 +104,12 @@ def load_config(path: str | Path, output: str | None = None, sizes: list[int] | 
     data = raw["data"]
     if not isinstance(data, dict) or "path" not in data:
         raise ValueError(f"{p}: data must be a mapping with 'path' (and optional 'format', 'offset', "
-                         "'drop_conflicts')")
-    unknown = sorted(set(data) - {"path", "format", "offset", "drop_conflicts"})
+                         "'drop_conflicts', 'split')")
+    unknown = sorted(set(data) - {"path", "format", "offset", "drop_conflicts", "split"})
     if unknown:
-        raise ValueError(f"{p}: unknown data key(s) {unknown}; known: drop_conflicts, format, offset, path")
+        raise ValueError(f"{p}: unknown data key(s) {unknown}; known: drop_conflicts, format, offset, path, split")
+    if data.get("split") not in (None, *SPLITS):
+        raise ValueError(f"{p}: data.split must be one of {list(SPLITS)}, got {data['split']!r}")
     if not isinstance(data.get("drop_conflicts", False), bool):
         raise ValueError(f"{p}: data.drop_conflicts must be true or false, got {data['drop_conflicts']!r}")
     where, given = (f"{p}: sizes", raw["sizes"]) if sizes is None else ("--sizes", sizes)
@@ -128,7 +134,7 @@ def load_config(path: str | Path, output: str | None = None, sizes: list[int] | 
                      methods, out, list(metrics), raw.get("model"), raw.get("device"), int(raw.get("seed", 0)),
                      str(raw.get("name", p.stem)), raw.get("isolate", True),
                      Path(raw.get("z_cache") or out / "z_cache"), raw.get("share_z", False),
-                     data.get("drop_conflicts", False))
+                     data.get("drop_conflicts", False), data.get("split"))
 
 
 def _method(entry, source: Path) -> Method:
@@ -233,8 +239,9 @@ def easyedit_summary(metrics: list[dict]) -> dict:
 
 
 def _neighbour(request: dict) -> dict:
+    """The locality prompt EasyEdit's own numbers get: the neighbourhood one, else the first item of the first kind."""
     locality = request.get("locality") or {}
-    return locality.get("neighborhood") or next(iter(locality.values()), {})
+    return first_item(locality.get("neighborhood") or next(iter(locality.values()), {}))
 
 
 def _all_or_none(requests: list[dict], get, what: str):
@@ -361,6 +368,8 @@ def fingerprint(cfg: RunConfig, method: Method, n: int) -> str:
               "device": cfg.device, "data": [cfg.data_format, cfg.data_path, cfg.offset], "n": n, "seed": cfg.seed}
     if cfg.drop_conflicts:  # only when set: results written before the option existed keep their fingerprint
         inputs["drop_conflicts"] = True
+    if cfg.split:
+        inputs["split"] = cfg.split
     return hashlib.sha1(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -377,7 +386,7 @@ def run(cfg: RunConfig, progress: bool = True) -> list[dict]:
     """Run every (method, size) not yet done, then write the combined tables and plot; returns all records."""
     from .cli import write_json
 
-    loaded = load_requests(cfg.data_format, cfg.data_path, n=max(cfg.sizes), offset=cfg.offset)
+    loaded = load_requests(cfg.data_format, cfg.data_path, n=max(cfg.sizes), offset=cfg.offset, split=cfg.split)
     requests, dropped = loaded, []  # dropped: positions among the loaded records
     if cfg.drop_conflicts:
         requests, dropped = drop_conflicts(loaded)
@@ -417,6 +426,6 @@ def write_outputs(cfg: RunConfig, records: list[dict]) -> None:
     records = report.ordered([m.name for m in cfg.methods], records)
     rows = [report.result_row(r, cfg.metrics) for r in records]
     write_json(cfg.output / "results.json", {"config": str(cfg.path), "environment": environment(), "rows": rows,
-                                             "records": records})
+                                             "kind_rows": report.kind_rows(records), "records": records})
     report.write_tables(cfg.output, cfg.name, rows, records)
     report.plot(rows, cfg.metrics, cfg.output / "results.png")

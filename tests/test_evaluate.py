@@ -100,7 +100,8 @@ def test_locality_against_the_same_model_is_100(llama, gpt2_tokenizer):
     assert len(ref["tf"]) == len(ref["ag"]) == len(REQUESTS)
     out = evaluate_requests(llama, tok, REQUESTS, ref, batch_size=2, progress=False)
     assert out["summary"]["loc_tf"] == 100.0 and out["summary"]["loc_ag"] == 100.0
-    assert set(out["summary"]) == {*METRICS, "score"} and len(out["per_request"]) == len(REQUESTS)
+    assert set(out["summary"]) == {*METRICS, "score", "loc_tf.neighborhood", "loc_ag.neighborhood"}
+    assert len(out["per_request"]) == len(REQUESTS)
     for r, per in zip(REQUESTS, out["per_request"]):  # reliability / generality are the hand-computed TF accuracy
         for key, prompt in (("rel_tf", r["prompt"]), ("gen_tf", r["rephrase_prompt"])):
             pred, gold = by_hand(llama, tok, prompt, r["target_new"])
