@@ -240,3 +240,26 @@ def test_megedit_run_on_both_hosts(github_source, tiny, tmp_path, easyedit):
     assert by["wheel"]["MeG"]["summary"] == by["github"]["MeG"]["summary"]
     assert by["wheel"]["AlphaEdit"]["implementation"]["why"] == "the installed EasyEdit has no AlphaEdit"
     assert "only for model names" in by["github"]["AlphaEdit"]["implementation"]["why"]
+
+
+def test_which_alphaedit_github_easyedit_can_run(tmp_path, monkeypatch):
+    """The rule `register()` applies on the GitHub API, case by case (no EasyEdit needed)."""
+    from types import SimpleNamespace
+
+    from megedit.easyedit.alphaedit_choice import easyedit_cannot
+
+    monkeypatch.chdir(tmp_path)
+    cached = tmp_path / "P.pt"
+    cached.write_bytes(b"")
+
+    def why(name, p_loc):
+        return easyedit_cannot(SimpleNamespace(model_name=name, P_loc=p_loc))
+
+    assert why("meta-llama/Llama-3-8B", str(cached)) is None  # a name it sizes P for, P already computed
+    assert why("Qwen/Qwen2.5-7B", "./null_space_project.pt") is None  # it writes P where P_loc says
+    assert why("gpt2-xl", str(tmp_path / "null_space_project.pt")) is None
+    assert "would write its projection to ./null_space_project.pt" in why("llama3-8b", str(tmp_path / "x" / "P.pt"))
+    assert "would write" in why("llama3-8b", None)
+    assert "model_name is 'smollm2-135m'" in why("smollm2-135m", str(cached))
+    assert "only for model names" in why("EleutherAI/gpt-j-6b", str(cached))  # P yes, its key cache no
+    assert "loaded model" in why((object(), object()), str(cached))
