@@ -279,6 +279,20 @@ def batch_edit_inputs(requests: list[dict]) -> dict:
         subject=[r["subject"] for r in requests])
 
 
+def in_api_terms(api: str, inputs: dict) -> dict:
+    """``batch_edit_inputs`` as keywords of the installed EasyEdit's ``batch_edit``, asking it to leave the edits on
+    the model for megedit to score: the wheel keeps them with ``keep_original_weight=False``; the GitHub API ignores
+    that keyword (and ``locality_prompts``/``locality_ground_truth``), restores the model after editing unless
+    ``sequential_edit=True``, and takes locality as ``locality_inputs``."""
+    if api == "wheel":
+        return {**inputs, "keep_original_weight": False}
+    from .easyedit.compat import locality_inputs
+
+    rest = {k: v for k, v in inputs.items() if k not in ("locality_prompts", "locality_ground_truth")}
+    locality = locality_inputs(inputs["locality_prompts"], inputs["locality_ground_truth"], len(inputs["prompts"]))
+    return {**rest, "locality_inputs": locality, "sequential_edit": True}
+
+
 def preflight(cfg: RunConfig, requests: list[dict]) -> None:
     """Checks that need each method's hparams and tokenizer, done for all methods before the first one edits: a
     problem with the last method must not surface after hours spent on the first."""
@@ -316,9 +330,9 @@ def preflight(cfg: RunConfig, requests: list[dict]) -> None:
 
 def run_method(method: Method, requests: list[dict], cfg: RunConfig, log_path: Path, progress: bool = True) -> dict:
     """Edit ``requests`` with one method through BaseEditor; returns its result record."""
-    from .easyedit import register
+    from .easyedit import implementation, register
 
-    register()
+    api = register()
     from easyeditor import BaseEditor
 
     hp = method_hparams(method, cfg)
@@ -335,8 +349,7 @@ def run_method(method: Method, requests: list[dict], cfg: RunConfig, log_path: P
     reference = locality_reference(editor.model, editor.tok, requests)
     start = time.time()
     with PeakMemory() as memory, open(log_path, "w", buffering=1) as log, contextlib.redirect_stdout(log):
-        metrics, edited, _ = editor.batch_edit(**batch_edit_inputs(requests), keep_original_weight=False,
-                                               verbose=False)
+        metrics, edited, _ = editor.batch_edit(**in_api_terms(api, batch_edit_inputs(requests)), verbose=False)
         batch_seconds = time.time() - start
         ours = evaluate_requests(edited, editor.tok, requests, reference, progress=progress)
     editing_seconds = float(sum(dict.fromkeys(m["time"] for m in metrics)))  # one value per chunk
@@ -344,6 +357,7 @@ def run_method(method: Method, requests: list[dict], cfg: RunConfig, log_path: P
     if (meg_report or {}).get("resumed"):  # this call did only part of the work: count every session's stage time
         editing_seconds = float(sum(meg_report["seconds"].values()))
     record = {"method": method.name, "alg_name": hp.alg_name, "hparams_file": method.hparams, "n": len(requests),
+              "easyedit_api": api, "implementation": implementation(hp),
               "summary": ours["summary"], "easyedit": easyedit_summary(metrics), "edit_seconds": editing_seconds,
               "batch_edit_seconds": batch_seconds, "total_seconds": time.time() - start,
               "peak_rss_gb": memory.peak_rss / 2**30,
@@ -370,6 +384,10 @@ def fingerprint(cfg: RunConfig, method: Method, n: int) -> str:
         inputs["drop_conflicts"] = True
     if cfg.split:
         inputs["split"] = cfg.split
+    from .easyedit import register
+
+    if register() == "github":  # the same way: results on the wheel keep theirs; a host's results are its own
+        inputs["easyedit_api"] = "github"
     return hashlib.sha1(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

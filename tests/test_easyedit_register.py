@@ -92,3 +92,24 @@ def test_from_hparams_with_the_shipped_meg_file():
     editor = BaseEditor.from_hparams(MeGHyperParams.from_hparams(path))
     assert editor.alg_name == "MeG" and editor.model_name == "smollm2-135m"
     assert editor.model.config.model_type == "llama" and editor.apply_algo is meg_adapter.apply_meg_easyedit
+
+
+def test_a_loaded_model_and_tokenizer_in_place_of_the_name(model_path, trainings):
+    """EasyEdit's documented ``model_name=(model, tokenizer)``: the wheel's evaluators get a name string (they call
+    ``.lower()`` on it) and score the edit, locality included."""
+    from easyeditor import BaseEditor
+
+    from megedit.easyedit.loader import load_model_named
+
+    hp = meg_hparams(model_path)
+    hp.model_name = load_model_named(model_path)
+    editor = BaseEditor.from_hparams(hp)
+    assert editor.model is hp.model_name[0] and editor.model_name == model_path
+    rs = REQUESTS
+    metrics, edited, _ = editor.batch_edit([r["prompt"] for r in rs], [r["target_new"] for r in rs],
+                                           subject=[r["subject"] for r in rs], keep_original_weight=False,
+                                           locality_prompts=[r["locality"]["neighborhood"]["prompt"] for r in rs],
+                                           locality_ground_truth=[r["locality"]["neighborhood"]["ground_truth"]
+                                                                  for r in rs], verbose=False)
+    assert trainings == [[r["prompt"] for r in rs]] and isinstance(edited, MeGModel)
+    assert all({"rewrite_acc"} <= set(m["post"]) and "neighborhood_acc" in m["post"]["locality"] for m in metrics)

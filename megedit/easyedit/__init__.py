@@ -10,12 +10,14 @@
 registry's 2023 wheel takes ``keep_original_weight``; the GitHub API of 2024+ takes ``sequential_edit``), and adds:
 
 - ``ALG_DICT["MeG"]`` (``meg_adapter.apply_meg_easyedit``) and, where EasyEdit has no AlphaEdit of its own,
-  ``ALG_DICT["AlphaEdit"]`` (``megedit.baselines.alphaedit``); both count as batchable for ``batch_edit``;
+  ``ALG_DICT["AlphaEdit"]`` (``megedit.baselines.alphaedit``); on the GitHub API, EasyEdit's AlphaEdit where it can
+  handle the model, else megedit's (``alphaedit_choice``); both count as batchable for ``batch_edit``;
 - ``batch_edit`` trains MeG once on all its requests (MeG learns one artifact for a set of edits);
 - on the wheel only: the fixes of ``compat`` around every ``BaseEditor`` call (CPU devices, current transformers,
   model loading for builtin names / GGUF files, batch_edit's metrics, no statistics downloads);
-- on the GitHub API: builtin model names and GGUF files load through megedit, and ``sequential_edit`` reaches MeG
-  (its apply functions are not told), so that MeG keeps earlier edits exactly when EasyEdit does.
+- on the GitHub API: builtin model names and GGUF files load through megedit, a loaded ``(model, tokenizer)`` gets
+  a name string for EasyEdit's evaluators, and ``sequential_edit`` reaches MeG and megedit's AlphaEdit (its apply
+  functions are not told), so that they keep earlier edits exactly when EasyEdit does.
 """
 from __future__ import annotations
 
@@ -28,9 +30,12 @@ from pathlib import Path
 
 from ..yaml_file import read_yaml_mapping
 from .loader import load_model_named, normalise_device
-from .meg_adapter import TRAIN_ONCE_ALGS, apply_meg_easyedit, kept_requests, sequential_edits
+from .alphaedit_choice import choosing, easyedit_cannot
+from .meg_adapter import TRAIN_ONCE_ALGS, apply_meg_easyedit, kept_requests
+from .sequential import sequential_edits
 
 BATCHABLE_ALGS = {"MeG", "AlphaEdit"}
+SEQUENTIAL_AWARE_ALGS = {"MeG", "AlphaEdit"}  # told GitHub's sequential_edit (megedit's code reads it; EasyEdit's not)
 _state: dict = {}
 
 
@@ -65,11 +70,13 @@ def register() -> str:
     alg_dict = importlib.import_module("easyeditor.util.alg_dict").ALG_DICT
     editor_module = importlib.import_module("easyeditor.editors.editor")
     alg_dict["MeG"] = apply_meg_easyedit
-    if "AlphaEdit" not in alg_dict:
-        from ..baselines.alphaedit import apply_alphaedit_to_model
+    from ..baselines.alphaedit import apply_alphaedit_to_model
 
+    if "AlphaEdit" not in alg_dict:
         alg_dict["AlphaEdit"] = apply_alphaedit_to_model
         _state["own_alphaedit"] = True
+    elif api == "github" and not getattr(alg_dict["AlphaEdit"], "__megedit__", False):
+        alg_dict["AlphaEdit"] = choosing(alg_dict["AlphaEdit"], apply_alphaedit_to_model)
     _allow_batching(importlib.import_module("easyeditor.editors.batch_editor").BatchEditor)
     if api == "wheel":
         from . import compat
@@ -95,8 +102,8 @@ def _allow_batching(batch_editor) -> None:
 
 
 def _wrap_github(editor_cls) -> None:
-    """The GitHub API needs three things: megedit's model names, ``sequential_edit`` handed to MeG, and MeG's single
-    training per batch_edit."""
+    """The GitHub API needs four things: megedit's model names, a name string for a loaded model, ``sequential_edit``
+    handed to MeG and megedit's AlphaEdit, and MeG's single training per batch_edit."""
     if getattr(editor_cls.__init__, "__megedit__", False):
         return
     for name in ("edit", "edit_requests", "batch_edit"):
@@ -111,11 +118,11 @@ def _passing_sequential_edit(original, one_chunk: bool):
 
     @functools.wraps(original)
     def call(self, *args, **kwargs):
-        if self.alg_name not in TRAIN_ONCE_ALGS:
+        if self.alg_name not in SEQUENTIAL_AWARE_ALGS:
             return original(self, *args, **kwargs)
         bound = signature.bind_partial(self, *args, **kwargs).arguments
         before = self.hparams.batch_size
-        if one_chunk:
+        if one_chunk and self.alg_name in TRAIN_ONCE_ALGS:
             prompts = bound.get("prompts") or []
             self.hparams.batch_size = max(1, len(prompts))
         try:
@@ -130,13 +137,18 @@ def _passing_sequential_edit(original, one_chunk: bool):
 
 def _loading_megedit_names(original_init):
     """Builtin names (``smollm2-135m``) and ``.gguf`` files, which EasyEdit's loader does not know, load through
-    megedit and reach EasyEdit as the ``(model, tokenizer)`` pair it accepts in place of a name."""
+    megedit and reach EasyEdit as the ``(model, tokenizer)`` pair it accepts in place of a name. For a pair passed in
+    by the caller, ``editor.model_name`` becomes a string: evaluate/evaluate.py:147,158 call ``.lower()`` on it."""
     from ..loading import BUILTIN_LLMS
 
     @functools.wraps(original_init)
     def __init__(self, hparams):
         name = hparams.model_name
-        if not (isinstance(name, str) and (name.lower() in BUILTIN_LLMS or name.lower().endswith(".gguf"))):
+        if not isinstance(name, str):
+            original_init(self, hparams)
+            self.model_name = getattr(self.model.config, "_name_or_path", "") or type(self.model).__name__
+            return
+        if not (name.lower() in BUILTIN_LLMS or name.lower().endswith(".gguf")):
             return original_init(self, hparams)
         hparams.model_name = load_model_named(name, device=normalise_device(getattr(hparams, "device", None)))
         try:
@@ -153,6 +165,20 @@ def _loading_megedit_names(original_init):
 _EASYEDIT_HPARAMS = {"ROME": "ROMEHyperParams", "MEMIT": "MEMITHyperParams", "FT": "FTHyperParams",
                      "KN": "KNHyperParams", "LoRA": "LoRAHyperParams", "AlphaEdit": "AlphaEditHyperParams",
                      "EMMET": "EMMETHyperParams", "PMET": "PMETHyperParams", "R-ROME": "R_ROMEHyperParams"}
+
+
+def implementation(hparams) -> dict:
+    """Which code edits for ``hparams`` on the registered EasyEdit: ``{"code": module, "why": reason or None}``."""
+    register()
+    if hparams.alg_name == "MeG":
+        return {"code": "megedit", "why": None}
+    if hparams.alg_name == "AlphaEdit":
+        if _state.get("own_alphaedit"):
+            return {"code": "megedit.baselines.alphaedit", "why": "the installed EasyEdit has no AlphaEdit"}
+        why = easyedit_cannot(hparams) if _state["api"] == "github" else None
+        return {"code": "megedit.baselines.alphaedit" if why else "easyeditor.models.alphaedit", "why": why}
+    apply = importlib.import_module("easyeditor.util.alg_dict").ALG_DICT[hparams.alg_name]
+    return {"code": apply.__module__, "why": None}
 
 
 def hparams_class(alg_name: str):
@@ -186,4 +212,4 @@ def load_hparams(path: str | Path):
 
 
 __all__ = ["register", "detect_api", "import_easyeditor", "load_hparams", "hparams_class", "load_model_named",
-           "kept_requests", "sequential_edits", "BATCHABLE_ALGS", "TRAIN_ONCE_ALGS"]
+           "implementation", "kept_requests", "sequential_edits", "BATCHABLE_ALGS", "TRAIN_ONCE_ALGS"]

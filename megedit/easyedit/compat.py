@@ -130,9 +130,11 @@ def moved_transformers_helpers():
 @contextmanager
 def vision_stubs():
     """trainer/blip2_models/common/dist_utils.py:14, common/utils.py:27, eva_vit.py:15-16 and
-    dataset/processor/blip_processors.py:13-14 import timm/torchvision at module level (PyPI's torchvision does not
-    load beside the CPU torch wheel). A stub answers only imports made by easyeditor modules, and leaves
-    ``sys.modules`` afterwards."""
+    dataset/processor/blip_processors.py:13-14 import timm/torchvision at module level, in the wheel and in the GitHub
+    source alike (there eva_vit.py:16; its other import needs are the ``[easyedit-github]`` extra). PyPI's torchvision
+    does not load beside the CPU torch wheel (``operator torchvision::nms does not exist``) and timm needs it; only
+    EasyEdit's multimodal editors use either. A stub answers only imports made by easyeditor modules (transformers'
+    own probes still see no torchvision), and leaves ``sys.modules`` afterwards."""
     finder = _VisionStubFinder()
     sys.meta_path.append(finder)
     try:

@@ -6,8 +6,8 @@ per request (``edit``) or once per chunk (``batch_edit``). MeG learns one artifa
 - ``batch_edit`` gives MeG all its requests in one chunk (``TRAIN_ONCE_ALGS``; see the wrappers in this package);
 - edits that EasyEdit keeps on the model accumulate: the next call retrains on every kept request plus the new ones
   (a new target for an already edited prompt replaces the old one). The wheel keeps edits when called with
-  ``keep_original_weight=False``; the GitHub API always passes False and keeps edits when ``sequential_edit=True``,
-  which registration's wrappers hand over through ``sequential_edits(...)``;
+  ``keep_original_weight=False``; the GitHub API always passes False and keeps edits when ``sequential_edit=True``
+  (``sequential.edits_stay``);
 - restoring needs nothing: MeG changes no weight. Its neuron is a hook that is inert outside the returned
   ``MeGModel``, so EasyEdit's base model answers as before, and restoring the returned ``weights_copy`` (copies of
   the hooked MLP's parameters) writes back the values that are already there.
@@ -15,25 +15,13 @@ per request (``edit``) or once per chunk (``batch_edit``). MeG learns one artifa
 from __future__ import annotations
 
 import weakref
-from contextlib import contextmanager
-from contextvars import ContextVar
 
 from ..meg_main import apply_meg_to_model
 from ..model import MeGModel
+from .sequential import edits_stay, sequential_edits  # noqa: F401  (sequential_edits: re-exported)
 
 TRAIN_ONCE_ALGS = {"MeG"}
 _KEPT: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # base model -> requests its MeG edit holds
-_SEQUENTIAL: ContextVar[bool | None] = ContextVar("megedit_sequential_edits", default=None)
-
-
-@contextmanager
-def sequential_edits(keep: bool):
-    """Inside the block, MeG keeps earlier edits exactly when ``keep`` (GitHub EasyEdit's ``sequential_edit``)."""
-    token = _SEQUENTIAL.set(bool(keep))
-    try:
-        yield
-    finally:
-        _SEQUENTIAL.reset(token)
 
 
 def kept_requests(model) -> list[dict]:
@@ -55,8 +43,7 @@ def apply_meg_easyedit(model, tok, requests, hparams, copy=False, return_orig_we
                        keep_original_weight=False, **kwargs):
     """EasyEdit's ``apply_algo`` for MeG: ``(edited MeGModel, weights_copy)``."""
     base = model.model if isinstance(model, MeGModel) else model
-    sequential = _SEQUENTIAL.get()
-    accumulate = (not keep_original_weight) if sequential is None else sequential
+    accumulate = edits_stay(keep_original_weight)
     train_on = merge_requests(_KEPT.get(base, []) if accumulate else [], list(requests))
     edited, weights_copy = apply_meg_to_model(base, tok, train_on, hparams, copy=copy,
                                               return_orig_weights=return_orig_weights,

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from ...atomic import atomic_write
+from ...easyedit.sequential import edits_stay
 from .alphaedit_hparams import AlphaEditHyperParams
 
 
@@ -196,16 +197,17 @@ def apply_alphaedit_to_model(model, tok, requests, hparams: AlphaEditHyperParams
                              cache_template: str | None = None, reset_cache: bool = False, **kwargs):
     """EasyEdit's ``apply_<alg>_to_model`` contract: returns ``(edited_model, weights_copy)``.
 
-    Edits stay on the model and their keys join the running cache unless ``keep_original_weight`` (the wheel's flag
-    for "EasyEdit will restore the weights"), in which case ``weights_copy`` holds the original weights, as in the
-    wheel's MEMIT (memit_main.py:55-62).
+    Edits stay on the model and their keys join the running cache when EasyEdit will keep them
+    (``edits_stay``: the wheel's ``keep_original_weight=False``, the GitHub API's ``sequential_edit=True``); otherwise
+    ``weights_copy`` holds the original weights, which EasyEdit writes back, as with the wheel's MEMIT
+    (memit_main.py:55-62).
     """
     if not requests:
         raise ValueError("no requests to edit")
     if copy:
         model = deepcopy(model)
     main, _, ks_module, nethook = _memit()
-    hp, requests = hparams, _prepared(requests)
+    hp, requests, stay = hparams, _prepared(requests), edits_stay(keep_original_weight)
     with _runtime():
         state = _state(model, tok, hp, reset_cache)
         names = [f"{hp.rewrite_module_tmp.format(layer)}.weight" for layer in hp.layers]
@@ -226,8 +228,8 @@ def apply_alphaedit_to_model(model, tok, requests, hparams: AlphaEditHyperParams
                                      state.cache[i].to(device), hp.L2)  # (d_k, d_v)
             with torch.no_grad():
                 weights[name] += main.upd_matrix_match_shape(delta, weights[name].shape).to(weights[name].dtype)
-        if not keep_original_weight:  # the edit stays: later edits must keep these keys too
+        if stay:  # later edits must keep these keys too
             for i, layer in enumerate(hp.layers):
                 keys = ks_module.compute_ks(model, tok, requests, hp, layer, context_templates).T.double().cpu()
                 state.cache[i] += keys @ keys.T
-    return model, (weights_copy if keep_original_weight else {})
+    return model, ({} if stay else weights_copy)
