@@ -32,6 +32,8 @@ def _check_types(hp, where: str) -> None:
         if hint is None or f.name == "device":  # EasyEdit annotates device as int and uses "cpu": check_device's
             continue
         value = getattr(hp, f.name)
+        if value is None and hint is str:  # EasyEdit annotates optional paths as str (GitHub AlphaEdit's P_loc: unset
+            continue  # means "compute it", which megedit's AlphaEdit does where EasyEdit's would not run)
         if typing.get_origin(hint) is typing.Literal:
             if value not in typing.get_args(hint):
                 raise ValueError(f"{where}: hparams field {f.name!r} must be one of {typing.get_args(hint)}, got "
