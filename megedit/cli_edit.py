@@ -151,9 +151,10 @@ def main(args) -> int:
         check_save_target(args.save)
         check_writable_folder(Path(args.save).expanduser().absolute().parent, "--save's parent folder")
     if args.keep:
-        from .keep import check_keep_target
+        from .keep import check_keep_target, git_state
 
         check_keep_target(args.keep)
+        args.git_at_start = git_state()  # the code that runs, whatever is committed while it runs
     questions = []
     if args.probe_questions:
         from .probe import locality_prompts
@@ -234,4 +235,4 @@ def keep_edit_result(args, hp, requests, evaluated, pre, post, report, load_s, p
                 extra={"pre": {"MeG": pre["summary"]}, "training_texts_left_out": {"MeG": report["leakage"]},
                        "evaluated_case_ids": [r.get("case_id") for r in evaluated],
                        "gate": {"MeG": report.get("gate")}, "fit": {"MeG": report.get("fit")}},
-                command=getattr(args, "command_line", None))
+                command=getattr(args, "command_line", None), git=args.git_at_start)

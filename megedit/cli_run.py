@@ -26,9 +26,10 @@ def main(args) -> int:
     args.on_interrupt = (f"finished results under {cfg.output}/results are kept, and MEMIT/AlphaEdit's z vectors and "
                          "MeG's stages are cached: run the same command again to continue from there")
     if args.keep:
-        from .keep import check_keep_target
+        from .keep import check_keep_target, git_state
 
         check_keep_target(args.keep)
+        args.git_at_start = git_state()  # the code that runs, whatever is committed while it runs
     start = time.time()
     records = ordered([m.name for m in cfg.methods], run(cfg, progress=not args.no_progress))
     print(markdown_table([result_row(r, cfg.metrics) for r in records]))
@@ -37,11 +38,12 @@ def main(args) -> int:
         print("\n" + markdown_table(per_kind))
     print(f"results: {cfg.output}/results.md, .csv, .json, .png ({time.time() - start:.0f} s wall)")
     if args.keep:
-        print(f"kept: {keep_run_result(args.keep, cfg, records, getattr(args, 'command_line', None))}/results.md")
+        kept = keep_run_result(args.keep, cfg, records, getattr(args, "command_line", None), args.git_at_start)
+        print(f"kept: {kept}/results.md")
     return 0
 
 
-def keep_run_result(folder, cfg, records: list[dict], command: str | None = None):
+def keep_run_result(folder, cfg, records: list[dict], command: str | None = None, git: dict | None = None):
     """Every (method, size) of the run as one kept result (``megedit.keep``)."""
     from pathlib import Path
 
@@ -61,4 +63,4 @@ def keep_run_result(folder, cfg, records: list[dict], command: str | None = None
     return keep(folder, Path(folder).name, rows, cfg.seed, config, per_kind, seconds,
                 extra={"run_config": str(cfg.path), "training_texts_left_out": {
                     f"{r['method']} n={r['n']}": r["meg_report"]["leakage"] for r in records
-                    if (r.get("meg_report") or {}).get("leakage")}}, command=command)
+                    if (r.get("meg_report") or {}).get("leakage")}}, command=command, git=git)

@@ -86,15 +86,16 @@ def package_versions() -> dict:
     return versions
 
 
-def provenance(command: str | None = None) -> dict:
-    """Everything about how a result was made that is not the result itself."""
+def provenance(command: str | None = None, git: dict | None = None) -> dict:
+    """Everything about how a result was made that is not the result itself. ``git``: the checkout's state when the
+    command started (taken again now if not given; a commit made while a long run ran is not the code that ran)."""
     command = command or shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])
-    return {"command": command, "git": git_state(), "machine": machine(),
+    return {"command": command, "git": git or git_state(), "machine": machine(),
             "packages": package_versions(), "time": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
 
 
 def keep(folder: str | os.PathLike, name: str, rows: list[dict], seed: int, config: dict, per_kind: dict,
-         seconds: dict, extra: dict | None = None, command: str | None = None) -> Path:
+         seconds: dict, extra: dict | None = None, command: str | None = None, git: dict | None = None) -> Path:
     """Write ``results.json`` and ``results.md`` to ``folder``.
 
     ``rows``: one per (method, size): {"method", "n", "data", metrics in %, "edit_s", optional "peak_gb"}.
@@ -103,7 +104,7 @@ def keep(folder: str | os.PathLike, name: str, rows: list[dict], seed: int, conf
     from .cli import write_json
 
     path = check_keep_target(folder)
-    record = {"kept_format": FORMAT, "name": name, **provenance(command), "seed": seed, "rows": rows, "per_kind": per_kind,
+    record = {"kept_format": FORMAT, "name": name, **provenance(command, git), "seed": seed, "rows": rows, "per_kind": per_kind,
               "seconds": seconds, "config": config, **(extra or {})}
     path.mkdir(parents=True, exist_ok=True)
     write_json(path / "results.json", record)

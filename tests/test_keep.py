@@ -20,10 +20,14 @@ def tables():
     return module
 
 
-def test_edit_keeps_a_result_that_the_tables_are_built_from(tmp_path, capsys):
+def test_edit_keeps_a_result_that_the_tables_are_built_from(tmp_path, capsys, monkeypatch):
     kept = tmp_path / "repo" / "bench" / "results" / "tiny4"
     argv = ["edit", str(tiny_yaml(tmp_path, tiny_model_dir(tmp_path), seed=2)), "--data", str(edits_file(tmp_path)),
             "--n", "4", "--out", str(tmp_path / "out"), "--keep", str(kept)]
+    import megedit.keep
+
+    states = iter([{"commit": "a" * 40, "dirty": False}])  # a second look (a commit made during the run) would fail
+    monkeypatch.setattr(megedit.keep, "git_state", lambda: next(states))
     assert main(argv) == 0, capsys.readouterr().err
     out = capsys.readouterr().out
     assert f"kept: {kept}/results.md" in out and "training texts left out" in out
@@ -32,7 +36,7 @@ def test_edit_keeps_a_result_that_the_tables_are_built_from(tmp_path, capsys):
     full = json.loads((tmp_path / "out" / "results.json").read_text())
     assert record["command"] == "megedit " + " ".join(argv)
     assert record["seed"] == 2 and record["config"]["MeG"]["hparams"]["seed"] == 2
-    assert record["git"]["commit"] is None or len(record["git"]["commit"]) == 40
+    assert record["git"] == {"commit": "a" * 40, "dirty": False}  # the checkout as the command started
     assert record["packages"]["torch"] and record["machine"]["cpus"] >= 1
     (row,) = record["rows"]
     assert row["method"] == "MeG" and row["n"] == 4
