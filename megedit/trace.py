@@ -45,7 +45,7 @@ def trace_query(edited: MeGModel, question: str, k: int = 3, max_new_tokens: int
     emb = embed(edited.edit.encoder, [routed])
     entropy, similarity = float(gate.entropy(emb)[0]), float(gate.nearest_similarity(emb)[0])
     epsilon, tau = float(gate.epsilon), float(gate.tau)
-    familiar = bool(gate.familiar(emb)[0])
+    familiar = entropy < epsilon and similarity >= tau  # FamiliarityNet.familiar's rule
     if familiar != bool(edited.edit.route([routed]).rows.numel()):  # the trace must explain the real decision
         raise RuntimeError("the trace's gate decision differs from the runtime routing's")
     # the wrapped model alone runs without the neuron: that is the unedited answer

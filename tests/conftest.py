@@ -131,6 +131,31 @@ def memit_style_hparams(folder: Path, model_path: str, alg: str = "MEMIT", **cha
     return path
 
 
+def write_counterfact_edits(path: Path, case_id_offset: int = 0) -> Path:
+    """``REQUESTS`` as a CounterFact-format data file (what ``megedit run`` reads), case ids shifted by the offset."""
+    path.write_text(json.dumps([{"case_id": case_id_offset + r["case_id"], "prompt": r["prompt"],
+                                 "subject": r["subject"], "target_new": r["target_new"],
+                                 "ground_truth": r["ground_truth"], "rephrase_prompt": r["rephrase_prompt"],
+                                 "locality_prompt": r["locality"]["neighborhood"]["prompt"],
+                                 "locality_ground_truth": r["locality"]["neighborhood"]["ground_truth"]}
+                                for r in REQUESTS]))
+    return path
+
+
+def three_methods(folder: Path) -> tuple[Path, Path, Path]:
+    """MeG, MEMIT and AlphaEdit hparams files for one ``save_tiny_model`` under ``folder``, with the covariance
+    statistics MEMIT and AlphaEdit read."""
+    from megedit.stats import precompute_stats
+
+    model_path = save_tiny_model(folder / "tiny-lm")
+    memit = memit_style_hparams(folder, model_path)
+    alpha = memit_style_hparams(folder, model_path, alg="AlphaEdit")
+    precompute_stats(memit, sources=[str(write_texts(folder))], progress=False)
+    meg = folder / "meg.yaml"
+    meg.write_text(yaml.safe_dump(meg_hparams(model_path).to_dict()))
+    return meg, memit, alpha
+
+
 def meg_hparams(model_path: str, **changes):
     """MeG with every stage shrunk to about a second on ``save_tiny_model``. The epsilon (just under ln 10, the largest
     entropy of 10 classes) routes nearly everything to the generator: no pseudo-edit pool is needed."""

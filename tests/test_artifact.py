@@ -8,11 +8,10 @@ import torch
 
 import megedit.artifact as artifact
 from megedit.artifact import MANIFEST, base_fingerprint
-from megedit.meg_main import apply_meg_to_model
 from megedit.model import MeGEdit, MeGModel
 
 from conftest import tiny_model
-from tiny_meg import EDITS, LAYER, UNRELATED, states_equal, tiny_base, tiny_hparams
+from tiny_meg import EDITS, LAYER, UNRELATED, saved_tiny_edit, states_equal, tiny_base
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # conftest: tiny models run fastest on one thread
@@ -21,11 +20,7 @@ pytestmark = pytest.mark.usefixtures("single_thread")  # conftest: tiny models r
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A real MeG edit (all four stages) on a tiny llama, saved once."""
-    folder = tmp_path_factory.mktemp("artifact")
-    model, tok = tiny_base()
-    edited, _ = apply_meg_to_model(model, tok, EDITS, tiny_hparams(folder), progress=False)
-    saved = edited.save_pretrained(folder / "edit")
-    return edited, tok, saved
+    return saved_tiny_edit(tmp_path_factory.mktemp("artifact"))
 
 
 def logits(model, tok, texts):

@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REQUESTS, meg_hparams, memit_style_hparams, missing_asset, save_tiny_model, write_texts
+from conftest import (REQUESTS, meg_hparams, memit_style_hparams, missing_asset, save_tiny_model, write_counterfact_edits,
+                      write_texts)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 ROOT, TESTS = Path(__file__).parents[1], Path(__file__).parent
@@ -213,13 +214,7 @@ def test_megedit_run_on_both_hosts(github_source, tiny, tmp_path, easyedit):
     figures are the same on both, and on each host megedit's teacher-forced figures equal EasyEdit's own, so the edits
     are scored while still on the model (GitHub's batch_edit restores it unless sequential_edit=True)."""
     root, _, files = tiny
-    data = tmp_path / "edits.json"
-    data.write_text(json.dumps([{"case_id": r["case_id"], "prompt": r["prompt"], "subject": r["subject"],
-                                 "target_new": r["target_new"], "ground_truth": r["ground_truth"],
-                                 "rephrase_prompt": r["rephrase_prompt"],
-                                 "locality_prompt": r["locality"]["neighborhood"]["prompt"],
-                                 "locality_ground_truth": r["locality"]["neighborhood"]["ground_truth"]}
-                                for r in REQUESTS]))
+    data = write_counterfact_edits(tmp_path / "edits.json")
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump({"data": {"format": "counterfact", "path": str(data)}, "sizes": [3], "seed": 0,
                                       "methods": [str(files[a]) for a in ("MeG", "MEMIT", "AlphaEdit")],

@@ -6,29 +6,16 @@ import pytest
 import yaml
 
 from megedit import runner
-from conftest import REQUESTS, meg_hparams, memit_style_hparams, save_tiny_model, write_texts
+from conftest import three_methods, write_counterfact_edits
 
 pytestmark = pytest.mark.usefixtures("single_thread", "easyedit")
 
 
 @pytest.fixture(scope="module")
 def config(tmp_path_factory):
-    from megedit.stats import precompute_stats
-
     root = tmp_path_factory.mktemp("runner")
-    model_path = save_tiny_model(root / "tiny-lm")
-    memit = memit_style_hparams(root, model_path)
-    alpha = memit_style_hparams(root, model_path, alg="AlphaEdit")
-    precompute_stats(memit, sources=[str(write_texts(root))], progress=False)
-    meg = root / "meg.yaml"
-    meg.write_text(yaml.safe_dump(meg_hparams(model_path).to_dict()))
-    data = root / "edits.json"  # EasyEdit's CounterFact format
-    data.write_text(json.dumps([{"case_id": 10 + r["case_id"], "prompt": r["prompt"], "subject": r["subject"],
-                                 "target_new": r["target_new"], "ground_truth": r["ground_truth"],
-                                 "rephrase_prompt": r["rephrase_prompt"],
-                                 "locality_prompt": r["locality"]["neighborhood"]["prompt"],
-                                 "locality_ground_truth": r["locality"]["neighborhood"]["ground_truth"]}
-                                for r in REQUESTS]))
+    meg, memit, alpha = three_methods(root)
+    data = write_counterfact_edits(root / "edits.json", case_id_offset=10)  # EasyEdit's CounterFact format
     path = root / "run.yaml"
     path.write_text(yaml.safe_dump({
         "name": "tiny comparison", "data": {"format": "counterfact", "path": str(data)}, "sizes": [2, 3],

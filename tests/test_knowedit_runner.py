@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from megedit import runner
-from conftest import REQUESTS, meg_hparams, memit_style_hparams, save_tiny_model, write_texts
+from conftest import REQUESTS, three_methods
 
 pytestmark = pytest.mark.usefixtures("single_thread", "easyedit")
 
@@ -26,14 +26,7 @@ def knowedit_records() -> list[dict]:
 
 
 def test_every_method_reports_each_kind(tmp_path):
-    from megedit.stats import precompute_stats
-
-    model_path = save_tiny_model(tmp_path / "tiny-lm")
-    memit = memit_style_hparams(tmp_path, model_path)
-    alpha = memit_style_hparams(tmp_path, model_path, alg="AlphaEdit")
-    precompute_stats(memit, sources=[str(write_texts(tmp_path))], progress=False)
-    meg = tmp_path / "meg.yaml"
-    meg.write_text(yaml.safe_dump(meg_hparams(model_path).to_dict()))
+    meg, memit, alpha = three_methods(tmp_path)
     data = tmp_path / "knowedit.json"
     data.write_text(json.dumps(knowedit_records()))
     path = tmp_path / "run.yaml"

@@ -6,11 +6,10 @@ import pytest
 import torch
 
 from megedit.cli import main
-from megedit.meg_main import apply_meg_to_model
 from megedit.model import MeGModel
 from megedit.trace import format_trace, trace_query
 
-from tiny_meg import EDITS, UNRELATED, tiny_base, tiny_hparams
+from tiny_meg import EDITS, UNRELATED, saved_tiny_edit, tiny_base
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # conftest: tiny models run fastest on one thread
 
@@ -19,9 +18,7 @@ pytestmark = pytest.mark.usefixtures("single_thread")  # conftest: tiny models r
 def saved(tmp_path_factory):
     """A real MeG edit on a tiny llama, saved, and its base model saved as a model folder (for --model)."""
     folder = tmp_path_factory.mktemp("trace")
-    model, tok = tiny_base()
-    edited, _ = apply_meg_to_model(model, tok, EDITS, tiny_hparams(folder), progress=False)
-    edit_dir = edited.save_pretrained(folder / "edit")
+    edited, tok, edit_dir = saved_tiny_edit(folder)
     base = tiny_base()[0]
     base.save_pretrained(folder / "base")
     tok.save_pretrained(folder / "base")

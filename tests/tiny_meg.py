@@ -59,6 +59,16 @@ def tiny_base():
     return model, _gpt2_tokenizer()
 
 
+def saved_tiny_edit(folder: Path):
+    """A real MeG edit (all four stages) of ``EDITS`` on ``tiny_base``, saved to ``folder / "edit"``: (edited, tok,
+    saved folder)."""
+    from megedit.meg_main import apply_meg_to_model
+
+    model, tok = tiny_base()
+    edited, _ = apply_meg_to_model(model, tok, EDITS, tiny_hparams(folder), progress=False)
+    return edited, tok, edited.save_pretrained(folder / "edit")
+
+
 def states_equal(a: torch.nn.Module, b: torch.nn.Module) -> bool:
     sa, sb = a.state_dict(), b.state_dict()
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
