@@ -199,7 +199,12 @@ def _z_cache_template(cfg: RunConfig, method: Method, hp) -> str:
     method, so that each method's edit time includes computing its own target vectors."""
     settings = {k: getattr(hp, k, None) for k in Z_SETTINGS}
     owner = {} if cfg.share_z else {"method": method.name}
-    key = json.dumps({"model": hp.model_name, "seed": cfg.seed, "data": cfg.data_path, **owner, **settings},
+    from .easyedit import register
+
+    # the GitHub source's compute_z gives other z than the wheel's (other context templates): a host's z are its own;
+    # named only on GitHub, so that caches written on the wheel keep their folder
+    host = {"easyedit_api": "github"} if register() == "github" else {}
+    key = json.dumps({"model": hp.model_name, "seed": cfg.seed, "data": cfg.data_path, **owner, **host, **settings},
                      sort_keys=True, default=str)
     folder = cfg.z_cache / hashlib.sha1(key.encode()).hexdigest()[:12]
     folder.mkdir(parents=True, exist_ok=True)

@@ -241,6 +241,30 @@ def test_megedit_run_on_both_hosts(github_source, tiny, tmp_path, easyedit):
     assert "only for model names" in by["github"]["AlphaEdit"]["implementation"]["why"]
 
 
+Z_FOLDER = """
+import json, sys
+from pathlib import Path
+from megedit import runner
+cfg = runner.load_config(sys.argv[1], output=sys.argv[2])
+method = cfg.methods[0]
+folder = Path(runner._z_cache_template(cfg, method, runner.method_hparams(method, cfg))).parent
+print("RESULT " + json.dumps({"folder": str(folder), "settings": json.loads((folder / "settings.json").read_text())}))
+"""
+
+
+def test_each_host_keeps_its_own_z_vectors(github_source, tiny, tmp_path):
+    """GitHub EasyEdit's compute_z gives other target vectors than the wheel's (other context templates), so a run on
+    one host must not read the z another host cached in the same output folder; the wheel's folder keeps its name."""
+    _, _, files = tiny
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({"data": {"format": "counterfact", "path": str(write_counterfact_edits(
+        tmp_path / "edits.json"))}, "sizes": [3], "seed": 0, "methods": [str(files["MEMIT"])]}))
+    wheel = run_on(None, Z_FOLDER, config, tmp_path / "out")
+    github = run_on(github_source, Z_FOLDER, config, tmp_path / "out")
+    assert wheel["folder"] != github["folder"]
+    assert "easyedit_api" not in wheel["settings"] and github["settings"]["easyedit_api"] == "github"
+
+
 def test_which_alphaedit_github_easyedit_can_run(tmp_path, monkeypatch):
     """The rule `register()` applies on the GitHub API, case by case (no EasyEdit needed)."""
     from types import SimpleNamespace
