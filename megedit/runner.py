@@ -402,7 +402,7 @@ def run_isolated(method: Method, requests: list[dict], cfg: RunConfig, log_path:
 
 def run(cfg: RunConfig, progress: bool = True) -> list[dict]:
     """Run every (method, size) not yet done, then write the combined tables and plot; returns all records."""
-    from .cli import write_json
+    from .records import write_json
 
     loaded = load_requests(cfg.data_format, cfg.data_path, n=max(cfg.sizes), offset=cfg.offset, split=cfg.split)
     requests, dropped = loaded, []  # dropped: positions among the loaded records
@@ -439,7 +439,7 @@ def run(cfg: RunConfig, progress: bool = True) -> list[dict]:
 
 
 def write_outputs(cfg: RunConfig, records: list[dict]) -> None:
-    from .cli import environment, write_json
+    from .records import environment, write_json
 
     records = report.ordered([m.name for m in cfg.methods], records)
     rows = [report.result_row(r, cfg.metrics) for r in records]
