@@ -29,10 +29,10 @@ class HParamsError(ValueError):
     """A hyperparameter file or value is wrong; the message names the field and the fix."""
 
 
-def _type_ok(value, hint) -> bool:
+def type_ok(value, hint) -> bool:
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
-        return any(_type_ok(value, h) for h in typing.get_args(hint))
+        return any(type_ok(value, h) for h in typing.get_args(hint))
     if hint is type(None):
         return value is None
     if hint is float:
@@ -41,15 +41,15 @@ def _type_ok(value, hint) -> bool:
         return isinstance(value, int) and not isinstance(value, bool)
     if origin is list:
         (inner,) = typing.get_args(hint) or (typing.Any,)
-        return isinstance(value, list) and all(_type_ok(v, inner) for v in value)
+        return isinstance(value, list) and all(type_ok(v, inner) for v in value)
     if hint is typing.Any:
         return True
     return isinstance(value, hint)
 
 
-def _coerce(value, hint):
+def coerce_value(value, hint):
     """YAML reads 1e-4 as a string; accept it for float fields (EasyEdit does the same)."""
-    if isinstance(value, str) and _type_ok(1.0, hint) and not _type_ok(value, hint):
+    if isinstance(value, str) and type_ok(1.0, hint) and not type_ok(value, hint):
         try:
             return float(value)
         except ValueError:
@@ -175,9 +175,9 @@ class MeGHyperParams:
     def validate(self) -> None:
         hints = typing.get_type_hints(type(self))
         for f in dataclasses.fields(self):
-            value = _coerce(getattr(self, f.name), hints[f.name])
+            value = coerce_value(getattr(self, f.name), hints[f.name])
             setattr(self, f.name, value)
-            if not _type_ok(value, hints[f.name]):
+            if not type_ok(value, hints[f.name]):
                 hint = hints[f.name]
                 raise HParamsError(f"hparams field {f.name!r} must be {getattr(hint, '__name__', hint)}, got {value!r}")
         if self.alg_name != "MeG":

@@ -1,24 +1,7 @@
 """YAML-configured comparisons: every method edits the same requests through EasyEdit's ``BaseEditor``.
 
-A config (see ``examples/quick_compare.yaml``; its keys: ``megedit.run_config``)::
-
-    model: smollm2-135m            # optional: replaces each method's model_name
-    device: cpu                    # optional: replaces each method's device
-    data: {format: counterfact, path: counterfact/counterfact-edit.json, offset: 0}
-                                   # (KnowEdit: {format: knowedit, path: ..., split: validation}: one part of the
-                                   # file, megedit.knowedit.split_of; offset and sizes count within it)
-    sizes: [100]                   # numbers of edits; each size uses the first n requests
-                                   # (data: {..., drop_conflicts: true}: less those whose prompt an earlier request
-                                   # edits to another target; without it such requests stop the run before it starts)
-    methods:                       # hparams YAMLs, or {hparams: ..., name: ..., set: {field: value}}
-      - hparams/MeG/smollm2-135m.yaml
-      - hparams/MEMIT/smollm2-135m.yaml
-    metrics: [rel_tf, rel_ag, gen_tf, gen_ag, loc_tf, loc_ag, score]
-    output: runs/quick_compare
-    seed: 0
-    isolate: true                  # each (method, size) in its own process: its own time and peak memory
-    z_cache: runs/z_cache          # optional (default <output>/z_cache): MEMIT/AlphaEdit target vectors per case
-    share_z: false                 # true: methods with equal z settings share them (sweeps); false: one per method
+A config (``examples/quick_compare.yaml``; every key is described in ``megedit.run_config``) names the model, the
+data, the sizes, the methods (hparams YAMLs) and the metrics; ``load_config`` reads and checks it, ``run`` runs it.
 
 For each (method, size) a fresh editor loads the model, ``batch_edit`` applies all edits in one call (EasyEdit's own
 teacher-forced metrics come back from it), then megedit's ``evaluate_requests`` scores the edited model (TF and

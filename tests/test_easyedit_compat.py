@@ -1,5 +1,5 @@
-"""Each fix in megedit/easyedit/compat.py: the wheel fails (or answers wrongly) without it, works with it, and
-nothing stays changed after the EasyEdit call."""
+"""Each fix in megedit/easyedit/ (import_fixes.py, compat.py, wheel_editor.py): the wheel fails (or answers wrongly)
+without it, works with it, and nothing stays changed after the EasyEdit call."""
 import importlib
 import logging
 import os

@@ -1,7 +1,7 @@
 """megedit on EasyEdit's GitHub source (the API of 2024+), the real one: ``../shared/easyedit-github`` beside the
 repository (``MEGEDIT_EASYEDIT_GITHUB`` overrides the folder), put first on the path of a fresh process so that it
 shadows the registry's wheel that install.sh installs. Its import needs are the ``[easyedit-github]`` extra; timm and
-torchvision are stubbed for easyeditor's imports only (megedit/easyedit/compat.py, ``vision_stubs``).
+torchvision are stubbed for easyeditor's imports only (megedit/easyedit/import_fixes.py, ``vision_stubs``).
 
 What it checks: the API is told apart and MeG keeps earlier edits exactly when ``sequential_edit`` says so; a loaded
 ``(model, tokenizer)`` works; AlphaEdit runs where EasyEdit's own cannot (and equals EasyEdit's own where it can);
