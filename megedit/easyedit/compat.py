@@ -96,7 +96,7 @@ def decoder_layer_tuples():
     @functools.wraps(original)
     def __init__(self, module, layer=None, *args, **kwargs):
         original(self, module, layer, *args, **kwargs)
-        target = nethook.geteasyeditor_module(module, layer) if layer is not None else module
+        target = nethook.get_module(module, layer) if layer is not None else module
         if not _is_decoder_layer(module, target):
             return
         hooks = target._forward_hooks
