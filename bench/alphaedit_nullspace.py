@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megedit import load_requests  # noqa: E402
-from megedit.cli import environment, write_json  # noqa: E402
+from megedit.records import environment, write_json  # noqa: E402
 from megedit.easyedit.loader import load_model_named  # noqa: E402
 from megedit.stats import is_valid, read_covariance, stats_paths  # noqa: E402
 from megedit.yaml_file import read_yaml_mapping  # noqa: E402

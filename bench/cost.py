@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from megedit.cli import environment, write_json  # noqa: E402
+from megedit.records import environment, write_json  # noqa: E402
 
 STAGES = ("stage1_encoder", "embed", "stage2_familiarity", "stage3_neurons", "stage4_generator")
 

@@ -30,7 +30,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from megedit.runner import _z_cache_template, load_config, method_hparams, seed_everything  # noqa: E402
+from megedit.baselines.z_cache import z_cache_template  # noqa: E402
+from megedit.runner import load_config, method_hparams, seed_everything  # noqa: E402
 
 Z_METHODS = ("MEMIT", "AlphaEdit")
 
@@ -46,7 +47,7 @@ def plan(config: str, n: int | None):
     for method in cfg.methods:
         hp = method_hparams(method, cfg)
         if hp.alg_name in Z_METHODS:
-            template = _z_cache_template(cfg, method, hp)
+            template = z_cache_template(cfg, method, hp)
             folders.setdefault(template, (hp, template, requests))
     if not folders:
         raise ValueError(f"{config}: none of its methods computes z ({', '.join(Z_METHODS)})")
@@ -54,7 +55,7 @@ def plan(config: str, n: int | None):
 
 
 def z_file(job) -> Path:
-    from megedit.baselines.alphaedit.alphaedit_main import z_cache_file
+    from megedit.baselines.z_cache import z_cache_file
 
     hp, template, request = job
     return z_cache_file(template, hp, request["case_id"])
@@ -62,21 +63,21 @@ def z_file(job) -> Path:
 
 def context_templates(cfg, hp):
     """MEMIT's templates as `megedit run` samples them: seeded, on the run's device."""
-    from megedit.baselines.alphaedit.alphaedit_main import _memit, _runtime
+    from megedit.baselines.alphaedit.alphaedit_main import memit_modules, easyedit_runtime
     from megedit.easyedit.loader import load_model_named, normalise_device
 
-    main = _memit()[0]
+    main = memit_modules()[0]
     seed_everything(cfg.seed)
     model, tok = load_model_named(hp.model_name, normalise_device(hp.device))
     main.CONTEXT_TEMPLATES_CACHE = None
-    with _runtime():
+    with easyedit_runtime():
         templates = main.get_context_templates(model, tok)
     main.CONTEXT_TEMPLATES_CACHE = None
     return templates
 
 
 class ZComputer:
-    """EasyEdit's compute_z on one device, with fixed context templates (AlphaEdit's ``_target_vectors``: the run's
+    """EasyEdit's compute_z on one device, with fixed context templates (AlphaEdit's ``target_vectors``: the run's
     own code path, cache file format included)."""
 
     def __init__(self, hp, device: str, templates):
@@ -87,12 +88,12 @@ class ZComputer:
 
     def __call__(self, hp, request: dict, template: str | None = None) -> np.ndarray:
         """z for ``request``; with ``template`` also written to (or read from) its cache file."""
-        from megedit.baselines.alphaedit.alphaedit_main import _prepared, _runtime, _target_vectors
+        from megedit.baselines.alphaedit.alphaedit_main import prepared_requests, easyedit_runtime, target_vectors
 
         hp = copy.copy(hp)  # the wheel builds f"cuda:{hp.device}": an index there, "cpu" is mended by its runtime fixes
         hp.device = int(self.device.split(":")[1]) if self.device.startswith("cuda:") else self.device
-        with _runtime():
-            z = _target_vectors(self.model, self.tok, _prepared([request]), hp, self.templates, template)
+        with easyedit_runtime():
+            z = target_vectors(self.model, self.tok, prepared_requests([request]), hp, self.templates, template)
         return z[:, 0].numpy()
 
 

@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from megedit import MeGHyperParams, apply_meg_to_model, load_model, load_requests  # noqa: E402
-from megedit.cli import environment, write_json  # noqa: E402
+from megedit.records import environment, write_json  # noqa: E402
 from megedit.model import MeGModel  # noqa: E402
 
 

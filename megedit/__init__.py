@@ -12,7 +12,7 @@ _EXPORTS = {
     "load_model": "loading", "load_encoder": "loading",
     "load_requests": "data", "validate_requests": "data", "make_requests": "data",
     "evaluate_requests": "evaluate", "locality_reference": "evaluate",
-    "MeGEdit": "model", "MeGModel": "model",
+    "MeGEdit": "model", "MeGModel": "model", "QuerySettings": "model",
     "trace_query": "trace",
 }
 __all__ = list(_EXPORTS)

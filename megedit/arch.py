@@ -1,11 +1,15 @@
 """Where each supported architecture keeps its decoder layers and MLP, and which neuron form it takes.
 
-Everything architecture-specific in megedit is in this table, so adding a model family is one entry.
+Everything architecture-specific in megedit is in this table, so adding a model family is one entry. Beside it: the
+layout of a neuron's weight vector in each form (``neuron_size``, ``neuron_parts``) and the fingerprint that ties a
+saved edit to the base model it was trained on (``base_fingerprint``).
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
+import torch
 import torch.nn as nn
 
 
@@ -64,15 +68,32 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return get_module(model, arch_of(model).layers)
 
 
+def mlp_of(model: nn.Module, layer: int) -> nn.Module:
+    """The MLP of decoder layer ``layer``: where the neuron acts."""
+    return getattr(decoder_layers(model)[layer], arch_of(model).mlp)
+
+
 def hidden_size(model: nn.Module) -> int:
     cfg = model.config
     return getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd")
 
 
+# ------------------------------------------------------------------------------------- a neuron's weight vector
+def neuron_length(form: str, d: int) -> int:
+    """Length of one neuron's weight vector: [w_in (d), w_out (d)] gated; [w_in (d), b (1), w_out (d)] dense."""
+    return 2 * d if form == "gated" else 2 * d + 1
+
+
 def neuron_size(model: nn.Module) -> int:
     """Length of one neuron's weight vector for this model."""
-    d = hidden_size(model)
-    return 2 * d if arch_of(model).form == "gated" else 2 * d + 1
+    return neuron_length(arch_of(model).form, hidden_size(model))
+
+
+def neuron_parts(weights: torch.Tensor, form: str, d: int):
+    """(w_in (n, d), bias (n,) or None for the gated form, w_out (n, d)): views into neuron vectors ``weights`` (n, P)."""
+    if form == "gated":
+        return weights[:, :d], None, weights[:, d:]
+    return weights[:, :d], weights[:, d], weights[:, d + 1:]
 
 
 def _layer_range_error(layer: int, model_type: str, n: int) -> ValueError:
@@ -98,3 +119,39 @@ def check_layer(model: nn.Module, layer: int) -> None:
         raise ValueError(f"module path '{spec.layers}.{layer}.{spec.mlp}' does not exist in {type(model).__name__}; "
                          f"fix the ArchSpec of {model.config.model_type!r} in megedit.arch.ARCHS")
     get_module(model, spec.final_norm)
+
+
+# ------------------------------------------------------------------------------------- the base model's fingerprint
+STRUCTURE = ("model_type", "config_class", "num_layers", "hidden_size", "vocab_size", "layer")  # must always match
+
+
+def _tensor_bytes(t: torch.Tensor):
+    """The tensor's raw bytes as a buffer (no extra copy on the CPU), whatever its dtype."""
+    return t.detach().cpu().contiguous().flatten().view(torch.uint8).numpy()
+
+
+def base_fingerprint(model: nn.Module, layer: int) -> dict:
+    """What identifies the base model an edit belongs to: sizes, dtype and a hash of the weights the edit reads."""
+    spec = arch_of(model)
+    tensors = {"embedding": model.get_input_embeddings().weight,
+               **{f"{spec.layers}.{layer}.{spec.mlp}.{n}": p for n, p in mlp_of(model, layer).named_parameters()}}
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        digest.update(name.encode())
+        digest.update(_tensor_bytes(tensors[name]))
+    return {"model_type": model.config.model_type, "config_class": type(model.config).__name__,
+            "num_layers": len(decoder_layers(model)), "hidden_size": hidden_size(model),
+            "vocab_size": tensors["embedding"].shape[0], "layer": layer, "dtype": str(tensors["embedding"].dtype),
+            "weights_sha256": digest.hexdigest()}
+
+
+def check_base_model(saved: dict, model: nn.Module, source: str, strict: bool = True) -> None:
+    """Raise ValueError naming the first difference between ``saved`` and ``model``'s fingerprint."""
+    current = base_fingerprint(model, min(saved["layer"], len(decoder_layers(model)) - 1))  # num_layers tells
+    keys = STRUCTURE + (("dtype", "weights_sha256") if strict else ())
+    for key in keys:
+        if saved.get(key) != current.get(key):
+            hint = ("" if key in STRUCTURE else
+                    "; pass strict=False to load it anyway onto a model of the same shape (its answers may differ)")
+            raise ValueError(f"{source} was made for a different base model: its {key} is {saved.get(key)!r}, this "
+                             f"model's is {current.get(key)!r}. Load it onto the model it was trained on{hint}")

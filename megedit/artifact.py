@@ -26,7 +26,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from .arch import arch_of, decoder_layers, hidden_size
+from .arch import check_base_model
 from .atomic import atomic_dir, recover_leftovers
 
 MANIFEST = "megedit_edit.json"
@@ -34,40 +34,6 @@ EDITS = "edits.json"
 FORMAT = 2  # 2: the manifest carries manifest_sha256, a hash of all its other fields
 READABLE_FORMATS = (1, FORMAT)
 MANIFEST_KEYS = ("format", "layer", "familiarity", "generator", "base_model", "files")
-STRUCTURE = ("model_type", "config_class", "num_layers", "hidden_size", "vocab_size", "layer")  # must always match
-
-
-def _tensor_bytes(t: torch.Tensor):
-    """The tensor's raw bytes as a buffer (no extra copy on the CPU), whatever its dtype."""
-    return t.detach().cpu().contiguous().flatten().view(torch.uint8).numpy()
-
-
-def base_fingerprint(model, layer: int) -> dict:
-    """What identifies the base model an edit belongs to: sizes, dtype and a hash of the weights the edit reads."""
-    spec = arch_of(model)
-    mlp = getattr(decoder_layers(model)[layer], spec.mlp)
-    tensors = {"embedding": model.get_input_embeddings().weight,
-               **{f"{spec.layers}.{layer}.{spec.mlp}.{n}": p for n, p in mlp.named_parameters()}}
-    digest = hashlib.sha256()
-    for name in sorted(tensors):
-        digest.update(name.encode())
-        digest.update(_tensor_bytes(tensors[name]))
-    return {"model_type": model.config.model_type, "config_class": type(model.config).__name__,
-            "num_layers": len(decoder_layers(model)), "hidden_size": hidden_size(model),
-            "vocab_size": tensors["embedding"].shape[0], "layer": layer, "dtype": str(tensors["embedding"].dtype),
-            "weights_sha256": digest.hexdigest()}
-
-
-def check_base_model(saved: dict, model, source: str, strict: bool = True) -> None:
-    """Raise ValueError naming the first difference between ``saved`` and ``model``'s fingerprint."""
-    current = base_fingerprint(model, min(saved["layer"], len(decoder_layers(model)) - 1))  # num_layers tells
-    keys = STRUCTURE + (("dtype", "weights_sha256") if strict else ())
-    for key in keys:
-        if saved.get(key) != current.get(key):
-            hint = ("" if key in STRUCTURE else
-                    "; pass strict=False to load it anyway onto a model of the same shape (its answers may differ)")
-            raise ValueError(f"{source} was made for a different base model: its {key} is {saved.get(key)!r}, this "
-                             f"model's is {current.get(key)!r}. Load it onto the model it was trained on{hint}")
 
 
 def _file_hashes(root: Path) -> dict[str, str]:
@@ -165,14 +131,15 @@ def read_manifest(directory: str | os.PathLike) -> dict:
     return manifest
 
 
-def load_edit(directory: str | os.PathLike, base_model=None, device: str | None = None, strict: bool = True):
-    """The ``MeGEdit`` saved in ``directory``; with ``base_model``, refuse it unless it was trained on that model."""
+def load_edit_parts(directory: str | os.PathLike, base_model=None, device: str | None = None,
+                    strict: bool = True) -> dict:
+    """The parts of the edit saved in ``directory``, as ``MeGEdit``'s keyword arguments (``MeGEdit.from_pretrained``
+    builds it); with ``base_model``, refuse it unless it was trained on that model."""
     from sentence_transformers import SentenceTransformer
 
     from .familiarity import FamiliarityNet
     from .generator import NeuronGenerator
     from .hparams import MeGHyperParams
-    from .model import MeGEdit
 
     directory = Path(directory)
     manifest = read_manifest(directory)
@@ -194,5 +161,5 @@ def load_edit(directory: str | os.PathLike, base_model=None, device: str | None 
     for module in (encoder, familiarity, generator):
         module.to(device).eval().requires_grad_(False)
     edits = json.loads((directory / EDITS).read_text()) if EDITS in manifest["files"] else {}
-    return MeGEdit(encoder, familiarity, generator, manifest["layer"], hp, base_fingerprint=manifest["base_model"],
-                   edits=edits.get("edits"), key_edit=edits.get("key_edit"))
+    return dict(encoder=encoder, familiarity=familiarity, generator=generator, layer=manifest["layer"], hparams=hp,
+                base_fingerprint=manifest["base_model"], edits=edits.get("edits"), key_edit=edits.get("key_edit"))

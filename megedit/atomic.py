@@ -18,11 +18,11 @@ import uuid
 from pathlib import Path
 from typing import Callable
 
-_HOST = socket.gethostname().replace("-", "_")  # no "-": the name is split on it
+HOST = socket.gethostname().replace("-", "_")  # no "-": the name is split on it
 
 
 def _temporary(final: Path, kind: str) -> Path:
-    return final.with_name(f".{final.name}.{kind}-{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    return final.with_name(f".{final.name}.{kind}-{HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
 
 
 def _alive(pid: int) -> bool:
@@ -53,7 +53,7 @@ def recover_leftovers(final: str | os.PathLike) -> None:
     for path in final.parent.glob(f".{final.name}.*-*"):
         kind, _, owner = path.name[len(final.name) + 2:].partition("-")
         parts = owner.rsplit("-", 2)
-        if kind not in stale or len(parts) != 3 or parts[0] != _HOST or not parts[1].isdigit():
+        if kind not in stale or len(parts) != 3 or parts[0] != HOST or not parts[1].isdigit():
             continue
         if not _alive(int(parts[1])):
             stale[kind].append(path)

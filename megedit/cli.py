@@ -3,14 +3,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import logging
 import os
-import platform
 import shlex
 import sys
-import time
-from pathlib import Path
 
 # subcommand modules: each has add_parser(subparsers) and main(args)
 COMMANDS = ["megedit.cli_edit", "megedit.cli_stats", "megedit.cli_run", "megedit.cli_ask"]
@@ -18,23 +14,6 @@ COMMANDS = ["megedit.cli_edit", "megedit.cli_stats", "megedit.cli_run", "megedit
 # traceback. HParamsError, yaml and JSON errors reach here as ValueError.
 USER_ERRORS = (ValueError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
 DEBUG_ENV = "MEGEDIT_DEBUG"  # set to 1 to see the traceback of every error, a user's mistake too
-
-
-def environment() -> dict:
-    import torch
-    import transformers
-
-    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-            "machine": platform.machine(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "command": " ".join(sys.argv), "time": time.strftime("%Y-%m-%d %H:%M:%S")}
-
-
-def write_json(path: Path, payload: dict) -> None:
-    """Write atomically: a crash never leaves a half-written results file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=str))
-    tmp.replace(path)
 
 
 def main(argv: list[str] | None = None) -> int:

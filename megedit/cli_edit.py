@@ -17,7 +17,8 @@ from pathlib import Path
 
 import yaml
 
-METRICS = ("rel_tf", "rel_ag", "gen_tf", "gen_ag", "loc_tf", "loc_ag")  # as megedit.evaluate (not imported: slow)
+from .records import METRICS
+
 
 
 def add_parser(sub) -> None:
@@ -104,7 +105,7 @@ def evaluation_sample(requests: list[dict], eval_n: int | None, seed: int) -> li
 def main(args) -> int:
     from . import apply_meg_to_model, distributed, evaluate_requests, load_model, load_requests, locality_reference
     from .arch import check_config, check_layer
-    from .cli import environment, write_json
+    from .records import environment, write_json
     from .data import drop_conflicts, validate_requests
     from .hparams import MeGHyperParams
     from .loading import check_device

@@ -47,17 +47,18 @@ def keep_run_result(folder, cfg, records: list[dict], command: str | None = None
     """Every (method, size) of the run as one kept result (``megedit.keep``)."""
     from pathlib import Path
 
-    from .keep import METRICS, keep
+    from .keep import keep
+    from .records import REPORTABLE
 
     rows, config, per_kind, seconds = [], {}, {}, {}
     for r in records:
         key = f"{r['method']} n={r['n']}"
         rows.append({"method": r["method"], "n": r["n"], "data": str(cfg.data_path),
-                     **{m: v for m, v in r["summary"].items() if m in METRICS}, "edit_s": r["edit_seconds"],
+                     **{m: v for m, v in r["summary"].items() if m in REPORTABLE}, "edit_s": r["edit_seconds"],
                      "peak_gb": r["peak_rss_gb"] if r.get("peak_cuda_gb") is None else r["peak_cuda_gb"],
                      "easyedit": r["easyedit"], "z_reused": r.get("z_reused", 0)})
         config[key] = {"hparams_file": r["hparams_file"], "hparams": r["hparams"]}
-        per_kind[key] = {k: v for k, v in r["summary"].items() if k not in METRICS}
+        per_kind[key] = {k: v for k, v in r["summary"].items() if k not in REPORTABLE}
         meg = r.get("meg_report") or {}
         seconds[key] = {**meg.get("seconds", {}), "edit": r["edit_seconds"], "batch_edit": r["batch_edit_seconds"]}
     return keep(folder, Path(folder).name, rows, cfg.seed, config, per_kind, seconds,

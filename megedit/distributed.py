@@ -7,8 +7,8 @@ joins the process group through accelerate's ``PartialState`` (gloo on CPU, nccl
 - stages 1 and 2 (encoder, gate) run on every rank, then rank 0's results are broadcast, so every rank holds the same
   bits even where kernels are not deterministic;
 - stage 3 shards the chunks of edits across ranks and all-gathers the fitted neurons in edit order;
-- stage 4 splits every global batch across ranks and averages gradients (DDP's semantics), so the optimiser sees the
-  single-process batch;
+- stage 4 splits every global batch across ranks and averages gradients (DDP's semantics, ``megedit.training``), so
+  the optimiser sees the single-process batch;
 - rank 0 alone writes checkpoints, results and artifacts, and prints.
 
 CPU launch (2 processes, gloo)::
@@ -62,11 +62,6 @@ def local_device(device: str) -> str:
     if world_size() > 1 and device == "cuda":
         return f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
     return device
-
-
-def barrier() -> None:
-    if world_size() > 1:
-        dist.barrier()
 
 
 def all_gather_objects(obj) -> list:

@@ -156,9 +156,3 @@ class DiT(nn.Module):
                 x = block(x, c)  # (N, T, D)
         x = self.final_layer(x, c)  # (N, T, p)
         return x.reshape(N, -1)[:, :P]  # (N, P)
-
-
-# Size presets (patch size and the rest stay keyword arguments). DiT_B is the paper's; DiT_CPU is hparams' default.
-def DiT_B(vector_size, cond_dim, **kwargs): return DiT(vector_size, cond_dim, hidden=768, depth=12, heads=12, **kwargs)
-def DiT_S(vector_size, cond_dim, **kwargs): return DiT(vector_size, cond_dim, hidden=384, depth=12, heads=6, **kwargs)
-def DiT_CPU(vector_size, cond_dim, **kwargs): return DiT(vector_size, cond_dim, hidden=256, depth=4, heads=4, **kwargs)

@@ -27,9 +27,9 @@ import torch
 from tqdm.auto import tqdm
 
 from .neuron import active_neurons
-from .text import encode_answered
+from .records import METRICS
+from .text import answered, encode_answered
 
-METRICS = ("rel_tf", "rel_ag", "gen_tf", "gen_ag", "loc_tf", "loc_ag")
 KIND_PREFIXES = ("loc_tf", "loc_ag", "port_tf", "port_ag")  # per-kind metrics are named <prefix>.<kind>
 
 
@@ -91,28 +91,30 @@ def greedy(model, tok, prompts: list[str], n_tokens: list[int], batch_size: int 
 
 
 def answer_length(tok, prompt: str, answer: str) -> int:
-    return len(tok(prompt + " " + answer)["input_ids"]) - len(tok(prompt)["input_ids"])
+    return len(tok(answered(prompt, answer))["input_ids"]) - len(tok(prompt)["input_ids"])
 
 
-def _locality_items(requests):
-    items = []
+def _locality_entries(requests) -> list[tuple[int, str, str, str]]:
+    """(request, kind, prompt, answer) for every locality prompt, in request order."""
+    entries = []
     for i, r in enumerate(requests):
-        for name, loc in (r.get("locality") or {}).items():
+        for kind, loc in (r.get("locality") or {}).items():
             prompts = loc["prompt"] if isinstance(loc["prompt"], list) else [loc["prompt"]]
             answers = loc["ground_truth"] if isinstance(loc["ground_truth"], list) else [loc["ground_truth"]]
-            items += [(i, p, str(a[0] if isinstance(a, list) else a)) for p, a in zip(prompts, answers) if p]
-    return items
+            entries += [(i, kind, p, str(a[0] if isinstance(a, list) else a)) for p, a in zip(prompts, answers) if p]
+    return entries
 
 
-def _locality_kinds(requests) -> list[str]:
-    """The kind of each item of ``_locality_items(requests)``, in the same order."""
-    kinds = []
-    for r in requests:
-        for name, loc in (r.get("locality") or {}).items():
-            prompts = loc["prompt"] if isinstance(loc["prompt"], list) else [loc["prompt"]]
-            answers = loc["ground_truth"] if isinstance(loc["ground_truth"], list) else [loc["ground_truth"]]
-            kinds += [name for p, _ in zip(prompts, answers) if p]
-    return kinds
+def _locality_predictions(model, tok, entries, batch_size: int, bar=None) -> tuple[list, list]:
+    """``model``'s teacher-forced predictions and greedy tokens on each locality entry (``_locality_entries``)."""
+    prompts, answers = [p for _, _, p, _ in entries], [a for _, _, _, a in entries]
+    tf = teacher_forced(model, tok, prompts, answers, batch_size)
+    if bar is not None:
+        bar.update()
+    ag = greedy(model, tok, prompts, [answer_length(tok, p, a) for p, a in zip(prompts, answers)], batch_size)
+    if bar is not None:
+        bar.update()
+    return tf, ag
 
 
 def _portability_items(requests) -> list[tuple[int, str, str, list[str]]]:
@@ -152,10 +154,7 @@ def portability(model, tok, requests, per: list[dict], batch_size: int = 32) -> 
 @torch.no_grad()
 def locality_reference(model, tok, requests, batch_size: int = 32) -> dict:
     """What the unedited model predicts on each locality prompt (TF argmax tokens and greedy tokens)."""
-    items = _locality_items(requests)
-    prompts, answers = [p for _, p, _ in items], [a for _, _, a in items]
-    tf = teacher_forced(model, tok, prompts, answers, batch_size)
-    ag = greedy(model, tok, prompts, [answer_length(tok, p, a) for p, a in zip(prompts, answers)], batch_size)
+    tf, ag = _locality_predictions(model, tok, _locality_entries(requests), batch_size)
     return {"tf": [p for p, _ in tf], "ag": ag}
 
 
@@ -184,16 +183,11 @@ def evaluate_requests(model, tok, requests, reference: dict | None = None, batch
             per[i][f"{name}_ag"] = float(out == g)
         bar.update()
     if reference is not None:
-        items = _locality_items(requests)
-        prompts, answers = [p for _, p, _ in items], [a for _, _, a in items]
-        tf = teacher_forced(model, tok, prompts, answers, batch_size)
-        bar.update()
-        ag = greedy(model, tok, prompts, [answer_length(tok, p, a) for p, a in zip(prompts, answers)], batch_size)
-        bar.update()
+        entries = _locality_entries(requests)
+        tf, ag = _locality_predictions(model, tok, entries, batch_size, bar)
         scores: dict[int, list] = {}
         by_kind: dict[tuple[int, str], list] = {}
-        for (i, _, _), kind, (pred, _), ref_tf, out, ref_ag in zip(items, _locality_kinds(requests), tf,
-                                                                   reference["tf"], ag, reference["ag"]):
+        for (i, kind, _, _), (pred, _), ref_tf, out, ref_ag in zip(entries, tf, reference["tf"], ag, reference["ag"]):
             match = (mean(float(a == b) for a, b in zip(pred, ref_tf)), float(out == ref_ag))
             for s in (scores.setdefault(i, [[], []]), by_kind.setdefault((i, kind), [[], []])):
                 s[0].append(match[0])

@@ -19,6 +19,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .training import TrainingState
+
 
 class ResidualBlock(nn.Module):
     def __init__(self, dim: int, hidden: int):
@@ -62,10 +64,13 @@ class FamiliarityNet(nn.Module):
         return best
 
     @torch.no_grad()
-    def familiar(self, emb: torch.Tensor) -> torch.Tensor:
-        if torch.isnan(self.epsilon):
+    def familiar(self, emb: torch.Tensor, epsilon: float | None = None, tau: float | None = None) -> torch.Tensor:
+        """Whether the gate opens for each embedding; ``epsilon``/``tau`` replace the calibrated thresholds."""
+        if epsilon is None and torch.isnan(self.epsilon):
             raise RuntimeError("the familiarity gate has no epsilon yet: call choose_thresholds or set it")
-        return (self.entropy(emb) < self.epsilon) & (self.nearest_similarity(emb) >= self.tau)
+        epsilon = self.epsilon if epsilon is None else epsilon
+        tau = self.tau if tau is None else tau
+        return (self.entropy(emb) < epsilon) & (self.nearest_similarity(emb) >= tau)
 
 
 def train_familiarity(net: FamiliarityNet, pos: torch.Tensor, labels: torch.Tensor, neg: torch.Tensor, hp,
@@ -80,15 +85,9 @@ def train_familiarity(net: FamiliarityNet, pos: torch.Tensor, labels: torch.Tens
     steps_per_epoch = max(1, math.ceil(len(pos) / hp.familiarity_batch_size))
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, hp.familiarity_lr, total_steps=hp.familiarity_epochs * steps_per_epoch)
     device = net.epsilon.device
-    first_epoch, loss_value, start = 0, math.nan, time.time()
-    name = "familiarity.pt"
-    if checkpoint is not None and checkpoint.has(name):
-        state = checkpoint.load_state(name)
-        net.load_state_dict(state["net"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["lr_schedule"])
-        g.set_state(state["rng"])
-        first_epoch, loss_value = state["epoch"], state["loss"]
+    state = TrainingState(checkpoint, "familiarity.pt", net=net, optimizer=opt, lr_schedule=sched, rng=g)
+    saved = state.resume()
+    first_epoch, loss_value, start = saved.get("epoch", 0), saved.get("loss", math.nan), time.time()
     net.train()
     bar = tqdm(range(first_epoch, hp.familiarity_epochs), initial=first_epoch, total=hp.familiarity_epochs,
                desc="stage 2: familiarity", disable=not progress)
@@ -109,10 +108,7 @@ def train_familiarity(net: FamiliarityNet, pos: torch.Tensor, labels: torch.Tens
             loss_value = loss.item()
             if not math.isfinite(loss_value):  # checked before the checkpoint: a diverged state is never saved
                 raise RuntimeError(f"familiarity training diverged (loss {loss_value})")
-            if checkpoint is not None:
-                checkpoint.save_state(name, {"net": net.state_dict(), "optimizer": opt.state_dict(),
-                                             "lr_schedule": sched.state_dict(), "rng": g.get_state(),
-                                             "epoch": epoch + 1, "loss": loss_value})
+            state.save(epoch=epoch + 1, loss=loss_value)
             bar.set_postfix(loss=f"{loss_value:.3f}")
     finally:
         net.eval()

@@ -2,7 +2,7 @@
 
 Many edits are optimised at once: each sequence of the batch gets its own edit's neuron, the loss is a sum of
 independent per-edit terms (so an edit's fit does not depend on what it is batched with), and only the layers at and
-above the edited one run (``UpperStack``). Each edit is fitted on several views of its prompt (paraphrases and context
+above the edited one run (``megedit.tail_replay.TailStack``). Each edit is fitted on several views of its prompt (paraphrases and context
 prefixes from ``augment``) so that the neuron still answers when the question is worded differently.
 """
 from __future__ import annotations
@@ -14,10 +14,11 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import distributed
-from .arch import arch_of, decoder_layers, hidden_size, neuron_size
-from .neuron import NeuronBatch, active_neurons, inject_neuron
+from .arch import arch_of, hidden_size, mlp_of, neuron_parts, neuron_size
+from .neuron import NeuronBatch, active_neurons, inject_neuron, neuron_activation
 from .precision import attention_kernels
-from .upper import TailStack, split_tail
+from .tail_replay import TailStack, split_tail
+from .text import tokenize_answered
 
 
 @dataclass
@@ -34,8 +35,9 @@ def initial_neuron(model, scale: float, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     d = hidden_size(model)
     w = torch.randn(neuron_size(model), generator=g) * scale / d**0.5
-    if arch_of(model).form == "dense":
-        w[d] = 0.0  # bias
+    _, bias, _ = neuron_parts(w[None], arch_of(model).form, d)
+    if bias is not None:
+        bias.zero_()  # a view: w's bias
     return w
 
 
@@ -48,7 +50,7 @@ def canonicalise(weights: torch.Tensor, pre_sign: torch.Tensor, form: str, d: in
     """
     if form != "gated":
         return weights
-    w_in, w_out = weights[:, :d], weights[:, d:]
+    w_in, _, w_out = neuron_parts(weights, form, d)
     scale = (w_out.norm(dim=1, keepdim=True) / w_in.norm(dim=1, keepdim=True).clamp_min(1e-12)).sqrt()
     sign = torch.where(pre_sign < 0, -1.0, 1.0).unsqueeze(1)
     return torch.cat([w_in * scale * sign, w_out / scale * sign], dim=1)
@@ -60,20 +62,13 @@ def _group_mean(values: torch.Tensor, index: torch.Tensor, n: int) -> torch.Tens
     return total / count.clamp_min(1)
 
 
-def _activation(x: torch.Tensor, w: torch.Tensor, form: str, act, d: int) -> torch.Tensor:
-    """The neuron's activation at MLP inputs x (n, T, d) for weights w (n, P) -> (n, T)."""
-    pre = torch.einsum("ntd,nd->nt", x, w[:, :d])
-    return pre if form == "gated" else act(pre + w[:, d, None])
-
-
 def _fit_chunk(model, tok, neuron, mlp, layer, views, targets, init, hp):
     """Fit the edits of one chunk; returns a FitResult (weights not yet canonical) and each edit's pre-activation sign."""
     E = len(views)
     device = next(mlp.parameters()).device  # where the neuron acts (with a device_map, maybe not the embeddings')
     seq_edit = torch.tensor([e for e, vs in enumerate(views) for _ in vs], device=device)
     prompts = [v for vs in views for v in vs]
-    full = tok([p + " " + targets[e] for p, e in zip(prompts, seq_edit.tolist())])["input_ids"]
-    plen = [len(ids) for ids in tok(prompts)["input_ids"]]
+    full, plen = tokenize_answered(tok, prompts, [targets[e] for e in seq_edit.tolist()])
     batch = split_tail(full, plen, tok.pad_token_id if tok.pad_token_id is not None else 0)
     stack = TailStack(model, layer, batch)
     labels = batch.labels.to(device)
@@ -85,8 +80,8 @@ def _fit_chunk(model, tok, neuron, mlp, layer, views, targets, init, hp):
 
     def silence(w, seqs):
         """Neuron energy on the prompt body relative to the answer positions (scale-free); 0 for single-token prompts."""
-        a_pre = _activation(stack.prefix_mlp_in[seqs], w, neuron.form, act, d).pow(2)
-        a_tail = _activation(stack.tail_mlp_in[seqs], w, neuron.form, act, d).pow(2)
+        a_pre = neuron_activation(stack.prefix_mlp_in[seqs], w, neuron.form, act, d).pow(2)
+        a_tail = neuron_activation(stack.tail_mlp_in[seqs], w, neuron.form, act, d).pow(2)
         pre = (a_pre * pmask[seqs]).sum(1) / pmask[seqs].sum(1).clamp_min(1)
         tail = (a_tail * tmask[seqs]).sum(1) / tmask[seqs].sum(1).clamp_min(1)
         return pre / (tail + 1e-6)
@@ -131,7 +126,8 @@ def _fit_chunk(model, tok, neuron, mlp, layer, views, targets, init, hp):
     correct = (logits.argmax(-1) == tok_ids).float()
     seq_acc = _group_mean(correct, tok_seq, len(seq_edit))
     first_seq = torch.searchsorted(seq_edit, torch.arange(E, device=device))  # each edit's first view = its prompt
-    pre = (stack.tail_mlp_in[tok_seq, tok_pos] * W[seq_edit[tok_seq], :d]).sum(-1)  # pre-activation at answer positions
+    w_in = neuron_parts(W, neuron.form, d)[0]
+    pre = (stack.tail_mlp_in[tok_seq, tok_pos] * w_in[seq_edit[tok_seq]]).sum(-1)  # pre-activation at answer positions
     finite = torch.isfinite(W).all(dim=1) & torch.isfinite(loss_now)  # a NaN/inf fit is never "ok"
     result = FitResult(weights=W.cpu(), ok=((seq_acc[first_seq] == 1) & finite).cpu(),
                        view_acc=_group_mean(seq_acc, seq_edit, E).cpu(), loss=loss_now.cpu(), steps=taken.cpu())
@@ -152,7 +148,7 @@ def fit_neurons(model, tok, views: list[list[str]], targets: list[str], hp, prog
     if len(views) != len(targets):
         raise ValueError(f"views has {len(views)} edits but targets has {len(targets)}: give one target per edit")
     neuron = inject_neuron(model, hp.layer)
-    mlp = getattr(decoder_layers(model)[hp.layer], arch_of(model).mlp)
+    mlp = mlp_of(model, hp.layer)
     spec, d = arch_of(model), hidden_size(model)
     init = initial_neuron(model, hp.fit_init_scale, hp.seed)
     chunk_edits = hp.fit_batch_edits

@@ -8,7 +8,7 @@ Sampling is a deterministic function of the query alone: every query starts from
 for the ancestral DDPM sampler, sees the same per-step noise), so its weights never depend on what else is in the
 batch; a fresh scheduler per call keeps concurrent calls from sharing scheduler state.
 
-Data-parallel training (``megedit.distributed``) follows DDP: every rank draws the same batches and the same noise,
+Data-parallel training follows DDP (``megedit.training``): every rank draws the same batches and the same noise,
 trains on its own slice of each batch, and the gradients are averaged, so each optimiser step is the single-process one.
 """
 from __future__ import annotations
@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .dit import DiT
+from .training import TrainingState, backward_on_shard, start_in_sync
 
 
 class MLPGenerator(nn.Module):
@@ -67,7 +68,7 @@ class NeuronGenerator(nn.Module):
 
     def __init__(self, vector_size: int, cond_dim: int, hp):
         super().__init__()
-        self.kind, self.sampler, self.sample_steps = hp.generator, hp.gen_scheduler, hp.gen_sample_steps
+        self.kind, self.sampler, self.sample_steps = hp.generator, hp.sample_scheduler, hp.sample_steps
         self.vector_size, self.cond_dim = vector_size, cond_dim
         self.seed = hp.seed
         self.schedule = noise_schedule(hp)
@@ -76,10 +77,10 @@ class NeuronGenerator(nn.Module):
         with torch.random.fork_rng(devices=[]):  # deterministic initialisation without touching the global RNG
             torch.manual_seed(hp.seed)
             if self.kind == "dit":
-                self.net = DiT(vector_size, cond_dim, hp.dit_patch_size, hp.dit_hidden, hp.dit_depth, hp.dit_heads,
+                self.net = DiT(vector_size, cond_dim, hp.dit_patch_size, hp.gen_hidden, hp.gen_depth, hp.dit_heads,
                                hp.dit_mlp_ratio, hp.gen_cond_dropout, hp.dit_token_conditioning)
             else:
-                self.net = MLPGenerator(cond_dim, vector_size, hp.dit_hidden, hp.dit_depth)
+                self.net = MLPGenerator(cond_dim, vector_size, hp.gen_hidden, hp.gen_depth)
         self.net.eval()
         # weights = target_mean + target_unit * (model-space vector); set by train_on
         self.register_buffer("target_mean", torch.zeros(vector_size))
@@ -93,9 +94,54 @@ class NeuronGenerator(nn.Module):
 
         ``checkpoint`` (a ``megedit.checkpoint.RunCheckpoint``): the training state (network, optimiser, LR schedule,
         RNG) is saved every ``hp.checkpoint_gen_epochs`` epochs and at the end, and training resumes from it.
-        Data-parallel: every rank passes the same arguments; each computes the loss on its slice of every batch.
+        Data-parallel: every rank passes the same arguments; each computes the loss on its slice of every batch
+        (``megedit.training.backward_on_shard``).
         Returns {"loss": final epoch's mean loss, "seconds", "steps": optimiser steps}.
         """
+        conds, edit_index, normalised = self._normalise_targets(conds, edit_index, targets, hp)
+        device = self.target_mean.device
+        g = torch.Generator(device).manual_seed(hp.seed)  # batches, noise, timesteps and condition dropout
+        scheduler = DDPMScheduler(**self.schedule)
+        opt = torch.optim.AdamW(self.net.parameters(), lr=hp.gen_lr, weight_decay=hp.gen_weight_decay)
+        batches = math.ceil(len(conds) / hp.gen_batch_size)
+        # a small edit set gives few batches per epoch: run enough epochs to reach gen_min_steps optimiser steps
+        epochs = max(hp.gen_epochs, math.ceil(hp.gen_min_steps / batches))
+        total_steps = epochs * batches
+        # memorising E targets: a short warm-up, then a cosine decay that lets the last epochs settle precisely
+        lr_schedule = get_cosine_schedule_with_warmup(opt, max(1, total_steps // 20), total_steps)
+        state = TrainingState(checkpoint, "generator.pt", net=self.net, optimizer=opt, lr_schedule=lr_schedule,
+                              rng=g)
+        saved = state.resume()
+        M, start = len(conds), time.perf_counter()
+        first_epoch, steps, epoch_loss = saved.get("epoch", 0), saved.get("steps", 0), saved.get("loss", math.nan)
+        start_in_sync(self.net)
+        self.net.train()
+        bar = tqdm(range(first_epoch, epochs), initial=first_epoch, total=epochs, desc="stage 4: train generator",
+                   disable=not progress)
+        for epoch in bar:
+            total = torch.zeros((), device=device)
+            for idx in torch.randperm(M, generator=g, device=device).split(hp.gen_batch_size):
+                x0, cond = normalised[edit_index[idx]], conds[idx]
+                summed = backward_on_shard(lambda rows: self._loss(x0, cond, scheduler, g, hp.gen_cond_dropout, rows),
+                                           len(idx), opt, self.net.parameters())
+                if summed is not None:
+                    total += summed
+                opt.step()
+                lr_schedule.step()
+                steps += 1
+            epoch_loss = (distributed.all_reduce_sum(total) / M).item()
+            if not math.isfinite(epoch_loss):  # checked before any checkpoint: a diverged state is never saved
+                raise RuntimeError(f"generator training diverged: loss {epoch_loss} in epoch "
+                                   f"{epoch + 1}/{epochs} (lr {hp.gen_lr}); lower gen_lr or gen_target_scale")
+            if (epoch + 1) % hp.checkpoint_gen_epochs == 0 or epoch + 1 == epochs:
+                state.save(epoch=epoch + 1, steps=steps, loss=epoch_loss)
+            bar.set_postfix(loss=f"{epoch_loss:.4f}")
+        self.net.eval()
+        return {"loss": epoch_loss, "seconds": time.perf_counter() - start, "steps": steps}
+
+    def _normalise_targets(self, conds: torch.Tensor, edit_index: torch.Tensor, targets: torch.Tensor, hp):
+        """Check the training data, set the per-coordinate normalisation from ``targets`` and return
+        (conds, edit_index, normalised targets) on the generator's device and dtype."""
         if noise_schedule(hp) != self.schedule:
             raise ValueError("hp's noise schedule (gen_train_timesteps, gen_beta_schedule, gen_prediction_type) "
                              "differs from the one this generator was built with; build a new NeuronGenerator")
@@ -109,64 +155,7 @@ class NeuronGenerator(nn.Module):
         # per-coordinate normalisation; a coordinate that never varies keeps unit 1e-8 and normalises to 0
         self.target_mean.copy_(targets.mean(0))
         self.target_unit.copy_(targets.std(0, correction=0).clamp_min(1e-8) / hp.gen_target_scale)
-        normalised = (targets - self.target_mean) / self.target_unit  # (E, P)
-
-        g = torch.Generator(device).manual_seed(hp.seed)  # batches, noise, timesteps and condition dropout
-        scheduler = DDPMScheduler(**self.schedule)
-        opt = torch.optim.AdamW(self.net.parameters(), lr=hp.gen_lr, weight_decay=hp.gen_weight_decay)
-        batches = math.ceil(len(conds) / hp.gen_batch_size)
-        # a small edit set gives few batches per epoch: run enough epochs to reach gen_min_steps optimiser steps
-        epochs = max(hp.gen_epochs, math.ceil(hp.gen_min_steps / batches))
-        total_steps = epochs * batches
-        # memorising E targets: a short warm-up, then a cosine decay that lets the last epochs settle precisely
-        lr_schedule = get_cosine_schedule_with_warmup(opt, max(1, total_steps // 20), total_steps)
-        M, steps, first_epoch, epoch_loss, start = len(conds), 0, 0, math.nan, time.perf_counter()
-        name = "generator.pt"
-        if checkpoint is not None and checkpoint.has(name):
-            state = checkpoint.load_state(name)
-            self.net.load_state_dict(state["net"])
-            opt.load_state_dict(state["optimizer"])
-            lr_schedule.load_state_dict(state["lr_schedule"])
-            g.set_state(state["rng"])
-            first_epoch, steps, epoch_loss = state["epoch"], state["steps"], state["loss"]
-        ranks, rank = distributed.world_size(), distributed.rank()
-        distributed.broadcast_tensors(self.net.state_dict().values())  # as DDP does: every rank starts from rank 0's
-        self.net.train()
-        bar = tqdm(range(first_epoch, epochs), initial=first_epoch, total=epochs, desc="stage 4: train generator",
-                   disable=not progress)
-        for epoch in bar:
-            total = torch.zeros((), device=device)
-            for idx in torch.randperm(M, generator=g, device=device).split(hp.gen_batch_size):
-                if ranks == 1:
-                    loss = self._loss(normalised[edit_index[idx]], conds[idx], scheduler, g, hp.gen_cond_dropout)
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    total += loss.detach() * len(idx)
-                else:
-                    mine = slice(rank * len(idx) // ranks, (rank + 1) * len(idx) // ranks)  # this rank's rows
-                    loss = self._loss(normalised[edit_index[idx]], conds[idx], scheduler, g, hp.gen_cond_dropout,
-                                      rows=mine)
-                    opt.zero_grad(set_to_none=True)
-                    if loss is not None:
-                        n = mine.stop - mine.start
-                        # weighted so that the average over ranks is the gradient of the whole batch's mean loss
-                        (loss * (n * ranks / len(idx))).backward()
-                        total += loss.detach() * n
-                    distributed.average_gradients(self.net.parameters())
-                opt.step()
-                lr_schedule.step()
-                steps += 1
-            epoch_loss = (distributed.all_reduce_sum(total) / M).item()
-            if not math.isfinite(epoch_loss):  # checked before any checkpoint: a diverged state is never saved
-                raise RuntimeError(f"generator training diverged: loss {epoch_loss} in epoch "
-                                   f"{epoch + 1}/{epochs} (lr {hp.gen_lr}); lower gen_lr or gen_target_scale")
-            if checkpoint is not None and ((epoch + 1) % hp.checkpoint_gen_epochs == 0 or epoch + 1 == epochs):
-                checkpoint.save_state(name, {"net": self.net.state_dict(), "optimizer": opt.state_dict(),
-                                             "lr_schedule": lr_schedule.state_dict(), "rng": g.get_state(),
-                                             "epoch": epoch + 1, "steps": steps, "loss": epoch_loss})
-            bar.set_postfix(loss=f"{epoch_loss:.4f}")
-        self.net.eval()
-        return {"loss": epoch_loss, "seconds": time.perf_counter() - start, "steps": steps}
+        return conds, edit_index, (targets - self.target_mean) / self.target_unit  # (E, P)
 
     def _loss(self, x0: torch.Tensor, cond: torch.Tensor, scheduler: DDPMScheduler, g: torch.Generator,
               cond_dropout: float, rows: slice | None = None) -> torch.Tensor | None:
@@ -198,7 +187,7 @@ class NeuronGenerator(nn.Module):
 
     @torch.no_grad()
     def sample(self, conds: torch.Tensor, steps: int | None = None) -> torch.Tensor:
-        """Neuron weights (N, P) for query embeddings ``conds`` (N, c); ``steps`` defaults to hp.gen_sample_steps."""
+        """Neuron weights (N, P) for query embeddings ``conds`` (N, c); ``steps`` defaults to hp.sample_steps."""
         conds = conds.to(self.target_mean)
         if self.kind == "mlp":
             y = self.net(conds)  # (N, P)

@@ -7,23 +7,32 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import types
 import typing
-from dataclasses import dataclass, field
+import warnings
+from dataclasses import InitVar, dataclass, field
 from pathlib import Path
 
 from .precision import PRECISIONS
 from .yaml_file import read_yaml_mapping
 
 
+log = logging.getLogger(__name__)
+
+# old key -> its name now: still accepted (YAML, saved edits' hparams.yaml, keyword arguments), with a warning
+DEPRECATED_KEYS = {"gen_scheduler": "sample_scheduler", "gen_sample_steps": "sample_steps",
+                   "dit_hidden": "gen_hidden", "dit_depth": "gen_depth"}
+
+
 class HParamsError(ValueError):
     """A hyperparameter file or value is wrong; the message names the field and the fix."""
 
 
-def _type_ok(value, hint) -> bool:
+def type_ok(value, hint) -> bool:
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
-        return any(_type_ok(value, h) for h in typing.get_args(hint))
+        return any(type_ok(value, h) for h in typing.get_args(hint))
     if hint is type(None):
         return value is None
     if hint is float:
@@ -32,15 +41,15 @@ def _type_ok(value, hint) -> bool:
         return isinstance(value, int) and not isinstance(value, bool)
     if origin is list:
         (inner,) = typing.get_args(hint) or (typing.Any,)
-        return isinstance(value, list) and all(_type_ok(v, inner) for v in value)
+        return isinstance(value, list) and all(type_ok(v, inner) for v in value)
     if hint is typing.Any:
         return True
     return isinstance(value, hint)
 
 
-def _coerce(value, hint):
+def coerce_value(value, hint):
     """YAML reads 1e-4 as a string; accept it for float fields (EasyEdit does the same)."""
-    if isinstance(value, str) and _type_ok(1.0, hint) and not _type_ok(value, hint):
+    if isinstance(value, str) and type_ok(1.0, hint) and not type_ok(value, hint):
         try:
             return float(value)
         except ValueError:
@@ -111,8 +120,8 @@ class MeGHyperParams:
 
     # stage 4: generator of neuron weights from the query embedding
     generator: str = "dit"  # "dit" or "mlp"
-    dit_hidden: int = 256
-    dit_depth: int = 4
+    gen_hidden: int = 256  # width of either generator (the DiT's hidden size, the MLP's hidden layers)
+    gen_depth: int = 4  # DiT blocks, or the MLP's hidden layers
     dit_heads: int = 4
     dit_patch_size: int = 64
     dit_mlp_ratio: float = 4.0
@@ -129,9 +138,11 @@ class MeGHyperParams:
     gen_logit_mean: float = 0.0
     gen_logit_std: float = 1.0
     gen_prediction_type: str = "v_prediction"
-    gen_scheduler: str = "ddim"  # sampler: "ddim" or "ddpm"
-    gen_sample_steps: int = 10
     gen_target_scale: float = 1.0  # neuron weights are divided by their per-coordinate std, then multiplied by this
+
+    # query time: how the trained generator samples (MeGModel's sample_steps replaces sample_steps per model)
+    sample_scheduler: str = "ddim"  # "ddim" or "ddpm"
+    sample_steps: int = 10
 
     eval_batch_size: int = 32
 
@@ -141,7 +152,22 @@ class MeGHyperParams:
     checkpoint_dir: str | None = None  # None: no checkpoints
     checkpoint_gen_epochs: int = 10  # save the generator's training state every this many epochs
 
-    def __post_init__(self):
+    # deprecated names of sample_scheduler, sample_steps, gen_hidden, gen_depth (DEPRECATED_KEYS)
+    gen_scheduler: InitVar[str | None] = None
+    gen_sample_steps: InitVar[int | None] = None
+    dit_hidden: InitVar[int | None] = None
+    dit_depth: InitVar[int | None] = None
+
+    def __post_init__(self, gen_scheduler=None, gen_sample_steps=None, dit_hidden=None, dit_depth=None):
+        old = dict(gen_scheduler=gen_scheduler, gen_sample_steps=gen_sample_steps, dit_hidden=dit_hidden,
+                   dit_depth=dit_depth)
+        for key, value in old.items():
+            if value is not None:
+                new = DEPRECATED_KEYS[key]
+                if getattr(self, new) != getattr(type(self), new) and getattr(self, new) != value:
+                    raise HParamsError(f"hparams key {key!r} is the old name of {new!r}: give only {new!r}")
+                deprecated(key)
+                setattr(self, new, value)
         if isinstance(self.device, int) and not isinstance(self.device, bool):
             self.device = f"cuda:{self.device}"
         self.validate()
@@ -149,14 +175,14 @@ class MeGHyperParams:
     def validate(self) -> None:
         hints = typing.get_type_hints(type(self))
         for f in dataclasses.fields(self):
-            value = _coerce(getattr(self, f.name), hints[f.name])
+            value = coerce_value(getattr(self, f.name), hints[f.name])
             setattr(self, f.name, value)
-            if not _type_ok(value, hints[f.name]):
+            if not type_ok(value, hints[f.name]):
                 hint = hints[f.name]
                 raise HParamsError(f"hparams field {f.name!r} must be {getattr(hint, '__name__', hint)}, got {value!r}")
         if self.alg_name != "MeG":
             raise HParamsError(f"alg_name must be 'MeG' for MeGHyperParams, got {self.alg_name!r}")
-        choices = {"generator": ("dit", "mlp"), "gen_scheduler": ("ddim", "ddpm"),
+        choices = {"generator": ("dit", "mlp"), "sample_scheduler": ("ddim", "ddpm"),
                    "gen_timestep_sampling": ("uniform", "logit_normal"),
                    "gen_prediction_type": ("v_prediction", "epsilon", "sample"),
                    "pseudo_edit_format": ("auto", "counterfact", "counterfact-rome", "zsre"),
@@ -165,7 +191,7 @@ class MeGHyperParams:
             if getattr(self, name) not in allowed:
                 raise HParamsError(f"hparams field {name!r} must be one of {allowed}, got {getattr(self, name)!r}")
         positive = ["familiarity_classes", "fit_steps", "fit_batch_edits", "gen_epochs", "gen_batch_size",
-                    "gen_sample_steps", "dit_hidden", "dit_depth", "dit_heads", "dit_patch_size", "eval_batch_size",
+                    "sample_steps", "gen_hidden", "gen_depth", "dit_heads", "dit_patch_size", "eval_batch_size",
                     "familiarity_epochs", "familiarity_batch_size", "encoder_batch_size", "gen_train_timesteps",
                     "checkpoint_gen_epochs", "encoder_epochs", "encoder_pairs"]
         for name in positive:
@@ -178,14 +204,19 @@ class MeGHyperParams:
             raise HParamsError("familiarity_classes must be at least 2 (entropy of a 1-way prediction is always 0)")
         if self.layer < 0:
             raise HParamsError(f"layer must be a layer index >= 0, got {self.layer}")
-        if self.dit_hidden % self.dit_heads:
-            raise HParamsError(f"dit_hidden ({self.dit_hidden}) must be divisible by dit_heads ({self.dit_heads})")
-        if self.gen_sample_steps > self.gen_train_timesteps:
-            raise HParamsError("gen_sample_steps cannot exceed gen_train_timesteps")
+        if self.gen_hidden % self.dit_heads:
+            raise HParamsError(f"gen_hidden ({self.gen_hidden}) must be divisible by dit_heads ({self.dit_heads})")
+        if self.sample_steps > self.gen_train_timesteps:
+            raise HParamsError("sample_steps cannot exceed gen_train_timesteps")
 
     @classmethod
     def from_dict(cls, config: dict, source: str = "hparams") -> "MeGHyperParams":
         names = {f.name for f in dataclasses.fields(cls)}
+        unknown = [k for k in config if k in DEPRECATED_KEYS and DEPRECATED_KEYS[k] in config]
+        if unknown:
+            raise HParamsError(f"{source}: {unknown[0]!r} is the old name of {DEPRECATED_KEYS[unknown[0]]!r}: "
+                               "give only the new one")
+        names |= set(DEPRECATED_KEYS)
         unknown = sorted(set(config) - names)
         if unknown:
             hints = [f"{k!r} (did you mean {difflib.get_close_matches(k, names, 1)[0]!r}?)"
@@ -215,3 +246,10 @@ class MeGHyperParams:
 
     def replace(self, **changes) -> "MeGHyperParams":
         return dataclasses.replace(self, **changes)
+
+
+def deprecated(key: str) -> None:
+    """Warn that hparams key ``key`` has a new name (a DeprecationWarning, and a logged warning for YAML users)."""
+    message = f"hparams key {key!r} is deprecated: it is now {DEPRECATED_KEYS[key]!r} (the old key still works)"
+    warnings.warn(message, DeprecationWarning, stacklevel=4)
+    log.warning(message)

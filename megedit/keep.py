@@ -18,8 +18,9 @@ import time
 from importlib import metadata
 from pathlib import Path
 
+from .records import REPORTABLE, write_json
+
 FORMAT = 1
-METRICS = ("rel_tf", "rel_ag", "gen_tf", "gen_ag", "loc_tf", "loc_ag", "score")
 PACKAGES = ("torch", "transformers", "sentence-transformers", "diffusers", "accelerate", "safetensors", "numpy",
             "easyeditor", "megedit")
 # CPU flags that change how fast (or in which precision) the training stages run
@@ -101,7 +102,6 @@ def keep(folder: str | os.PathLike, name: str, rows: list[dict], seed: int, conf
     ``rows``: one per (method, size): {"method", "n", "data", metrics in %, "edit_s", optional "peak_gb"}.
     ``per_kind``: per method, rates by query kind; ``seconds``: per method, seconds by stage; ``config``: per
     method, its hparams and overrides."""
-    from .cli import write_json
 
     path = check_keep_target(folder)
     record = {"kept_format": FORMAT, "name": name, **provenance(command, git), "seed": seed, "rows": rows, "per_kind": per_kind,
@@ -115,11 +115,11 @@ def keep(folder: str | os.PathLike, name: str, rows: list[dict], seed: int, conf
 def metrics_table(rows: list[dict]) -> str:
     """Markdown table of metrics; a row's "link" (a results.md path) goes in a last column when any row has one."""
     linked = any(r.get("link") for r in rows)
-    head = "| method | n | data | " + " | ".join(TITLES[m] for m in METRICS) + " | edit (s) |" + \
+    head = "| method | n | data | " + " | ".join(TITLES[m] for m in REPORTABLE) + " | edit (s) |" + \
         (" kept result |" if linked else "")
-    lines = [head, "|---|---:|---|" + "---:|" * (len(METRICS) + 1) + ("---|" if linked else "")]
+    lines = [head, "|---|---:|---|" + "---:|" * (len(REPORTABLE) + 1) + ("---|" if linked else "")]
     for r in rows:
-        cells = [f"{r[m]:.1f}" if isinstance(r.get(m), (int, float)) else "–" for m in METRICS]
+        cells = [f"{r[m]:.1f}" if isinstance(r.get(m), (int, float)) else "–" for m in REPORTABLE]
         edit_s = f"{r['edit_s']:.0f}" if isinstance(r.get("edit_s"), (int, float)) else "–"
         link = f" [{r['link']}]({r['link']}) |" if r.get("link") else (" |" if linked else "")
         lines.append(f"| {r['method']} | {r['n']} | {r.get('data', '')} | " + " | ".join(cells) + f" | {edit_s} |" +

@@ -18,8 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import distributed
-from .arch import arch_of, check_layer, decoder_layers, neuron_size
-from .artifact import base_fingerprint
+from .arch import arch_of, base_fingerprint, check_layer, mlp_of, neuron_size
 from .augment import NEAR_MISS_KINDS, PseudoEditPool
 from .checkpoint import RunCheckpoint, rng_state, set_rng_state
 from .data import load_requests, validate_requests
@@ -189,7 +188,7 @@ def train_meg(model, tok, requests: list[dict], hp: MeGHyperParams, progress: bo
     ckpt = RunCheckpoint.for_run(requests, hp, fingerprint)
     torch.manual_seed(hp.seed)
     # the edited MLP's device: with a device_map it may not be the embeddings', and the neuron's weights go there
-    device = next(getattr(decoder_layers(model)[hp.layer], arch_of(model).mlp).parameters()).device
+    device = next(mlp_of(model, hp.layer).parameters()).device
     autocast = autocast_dtype(hp.training_precision, device)  # resolved once, before any stage runs
     report: dict = {"n_edits": len(requests), "seed": hp.seed, "seconds": {},
                     "training_autocast": str(autocast).removeprefix("torch.") if autocast else "float32"}
@@ -283,6 +282,4 @@ def apply_meg_to_model(model, tok, requests, hparams: MeGHyperParams, copy: bool
 
 
 def _layers_path(model) -> str:
-    from .arch import arch_of
-
     return arch_of(model).layers

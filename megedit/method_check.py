@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import typing
 
-from .hparams import MeGHyperParams, _coerce, _type_ok
+from .hparams import MeGHyperParams, coerce_value, type_ok
 
 # int fields of any method that count training epochs or optimiser steps: 0 trains nothing (or breaks a scheduler)
 COUNTS = ("epochs", "steps")
@@ -39,8 +39,8 @@ def _check_types(hp, where: str) -> None:
                 raise ValueError(f"{where}: hparams field {f.name!r} must be one of {typing.get_args(hint)}, got "
                                  f"{value!r}")
             continue
-        value = _coerce(value, hint)
-        if not _type_ok(value, hint):
+        value = coerce_value(value, hint)
+        if not type_ok(value, hint):
             raise ValueError(f"{where}: hparams field {f.name!r} must be {getattr(hint, '__name__', hint)}, got "
                              f"{value!r}")
         setattr(hp, f.name, value)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from .arch import arch_of, check_layer, decoder_layers, hidden_size
+from .arch import arch_of, check_layer, decoder_layers, hidden_size, mlp_of, neuron_parts
 
 
 @dataclass(frozen=True)
@@ -53,6 +53,14 @@ def current_neurons() -> NeuronBatch | None:
     return _ACTIVE.get()
 
 
+def neuron_activation(x: torch.Tensor, weights: torch.Tensor, form: str, act, d: int) -> torch.Tensor:
+    """The neuron's activation at MLP inputs x (n, T, d) for weights (n, P) -> (n, T): ``x·w_in`` in the gated form,
+    ``act(x·w_in + b)`` in the dense form (``act``: the MLP's activation; see ``megedit.arch.ArchSpec``)."""
+    w_in, bias, _ = neuron_parts(weights, form, d)
+    pre = torch.einsum("ntd,nd->nt", x, w_in)
+    return pre if form == "gated" else act(pre + bias[:, None])
+
+
 class DynamicNeuron(nn.Module):
     """One neuron with per-sample weights, attached to an MLP as a forward hook (see ``megedit.arch.ArchSpec``).
 
@@ -69,12 +77,10 @@ class DynamicNeuron(nn.Module):
 
     def neuron_output(self, mlp: nn.Module, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """What the neuron adds to the MLP output: x (n, T, d) MLP inputs, weights (n, P) -> (n, T, d)."""
-        d = self.d_model
         weights = weights.to(x.dtype)
-        pre = torch.einsum("ntd,nd->nt", x, weights[:, :d])  # (n, T)
-        if self.form == "gated":
-            return pre.unsqueeze(-1) * weights[:, None, d:]
-        return getattr(mlp, self.act_name)(pre + weights[:, d, None]).unsqueeze(-1) * weights[:, None, d + 1:]
+        act = getattr(mlp, self.act_name) if self.form == "dense" else None
+        a = neuron_activation(x, weights, self.form, act, self.d_model)  # (n, T)
+        return a.unsqueeze(-1) * neuron_parts(weights, self.form, self.d_model)[2][:, None, :]
 
     def hook(self, mlp: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
         batch = _ACTIVE.get()
@@ -89,14 +95,10 @@ class DynamicNeuron(nn.Module):
         return out.index_add(0, rows, delta.to(out.dtype))  # untouched rows are copied bit-for-bit
 
 
-def _mlp(model: nn.Module, layer: int) -> nn.Module:
-    return getattr(decoder_layers(model)[layer], arch_of(model).mlp)
-
-
 def inject_neuron(model: nn.Module, layer: int) -> DynamicNeuron:
     """Attach a DynamicNeuron to layer ``layer``'s MLP (idempotent) and return it."""
     check_layer(model, layer)
-    mlp = _mlp(model, layer)
+    mlp = mlp_of(model, layer)
     if isinstance(getattr(mlp, "megedit_neuron", None), DynamicNeuron):
         return mlp.megedit_neuron
     spec = arch_of(model)
@@ -110,7 +112,7 @@ def remove_neuron(model: nn.Module) -> int:
     """Detach every DynamicNeuron; returns how many were removed. The model is then exactly as before."""
     removed = 0
     for i in range(len(decoder_layers(model))):
-        mlp = _mlp(model, i)
+        mlp = mlp_of(model, i)
         neuron = getattr(mlp, "megedit_neuron", None)
         if isinstance(neuron, DynamicNeuron):
             neuron.handle.remove()
@@ -121,6 +123,6 @@ def remove_neuron(model: nn.Module) -> int:
 
 def injected_layer(model: nn.Module) -> int | None:
     for i in range(len(decoder_layers(model))):
-        if isinstance(getattr(_mlp(model, i), "megedit_neuron", None), DynamicNeuron):
+        if isinstance(getattr(mlp_of(model, i), "megedit_neuron", None), DynamicNeuron):
             return i
     return None

@@ -45,7 +45,7 @@ def _by_kind(requests: list[dict], field: str) -> dict[str, list[str]]:
     return kinds
 
 
-def _seen_by_training(pool: PseudoEditPool, requests: list[dict], hp) -> set[str]:
+def seen_by_training(pool: PseudoEditPool, requests: list[dict], hp) -> set[str]:
     """The near misses the gate learned from (salt "near") or was calibrated on (salt "calibration")."""
     seen = set()
     for r in requests:
@@ -71,7 +71,7 @@ def gate_probe(edit: MeGEdit, requests: list[dict], pool: PseudoEditPool | None,
         groups.update({f"locality.{k}": v for k, v in locality_kinds.items()})
     groups.update({f"portability.{k}": v for k, v in _by_kind(requests, "portability").items()})
     if pool is not None:
-        seen = _seen_by_training(pool, requests if trained_on is None else trained_on, edit.hparams)
+        seen = seen_by_training(pool, requests if trained_on is None else trained_on, edit.hparams)
         fresh = {k: [] for k in NEAR_MISS_KINDS}
         for r in requests:
             for kind, pairs in pool.near_misses(r, n_per_kind, salt="probe").items():

@@ -1,4 +1,5 @@
-"""Tokenising "prompt + answer" the way EasyEdit's teacher-forced metrics do."""
+"""Tokenising "prompt + answer" the way EasyEdit's teacher-forced metrics do: ``prompt + " " + answer``, the one place
+that joint text is written (neuron fitting, evaluation and EasyEdit's length checks all use it)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -22,9 +23,20 @@ class AnsweredBatch:
     prompt_lengths: list[int]
 
 
-def encode_answered(tok, prompts: list[str], answers: list[str]) -> AnsweredBatch:
-    full = tok([p + " " + a for p, a in zip(prompts, answers)])["input_ids"]
+def answered(prompt: str, answer: str) -> str:
+    """The text a teacher-forced metric feeds: the prompt, a space, the answer."""
+    return prompt + " " + answer
+
+
+def tokenize_answered(tok, prompts: list[str], answers: list[str]) -> tuple[list[list[int]], list[int]]:
+    """Token ids of each ``answered(prompt, answer)`` and the token length of each prompt alone."""
+    full = tok([answered(p, a) for p, a in zip(prompts, answers)])["input_ids"]
     plen = [len(ids) for ids in tok(list(prompts))["input_ids"]]
+    return full, plen
+
+
+def encode_answered(tok, prompts: list[str], answers: list[str]) -> AnsweredBatch:
+    full, plen = tokenize_answered(tok, prompts, answers)
     T = max(len(f) for f in full)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     ids = torch.full((len(full), T), pad, dtype=torch.long)

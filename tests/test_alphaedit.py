@@ -109,11 +109,11 @@ def test_update_leaves_preserved_outputs_unchanged(setup):
 
 def edit_keys(model, tok, request, hp, layer: int) -> torch.Tensor:
     """The keys MEMIT/AlphaEdit compute for ``request`` at ``layer`` (EasyEdit's compute_ks), (1, d_k)."""
-    from megedit.baselines.alphaedit.alphaedit_main import _memit, _prepared
+    from megedit.baselines.alphaedit.alphaedit_main import memit_modules, prepared_requests
 
-    main, _, ks, _ = _memit()
+    main, _, ks, _ = memit_modules()
     with compat.runtime():
-        return ks.compute_ks(model, tok, _prepared([request]), hp, layer, main.get_context_templates(model, tok))
+        return ks.compute_ks(model, tok, prepared_requests([request]), hp, layer, main.get_context_templates(model, tok))
 
 
 def test_running_cache_protects_earlier_edits(setup):

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import megedit.artifact as artifact
-from megedit.artifact import MANIFEST, base_fingerprint
+from megedit.arch import base_fingerprint
+from megedit.artifact import MANIFEST
 from megedit.model import MeGEdit, MeGModel
 
 from conftest import tiny_model
@@ -230,23 +231,23 @@ def test_leftovers_of_a_killed_replacement_are_recovered_and_cleaned(trained, tm
     process's temporary (a save in progress) is left alone."""
     import os
 
-    from megedit.atomic import _HOST
+    from megedit.atomic import HOST
 
     edited, _, saved = trained
     dead = dead_pid()
-    aside = tmp_path / f".edit.old-{_HOST}-{dead}-0000aaaa"
+    aside = tmp_path / f".edit.old-{HOST}-{dead}-0000aaaa"
     shutil.copytree(saved, aside)
-    (tmp_path / f".edit.tmp-{_HOST}-{dead}-0000bbbb").mkdir()
-    (tmp_path / f".edit.tmp-{_HOST}-{dead}-0000bbbb" / "generator.safetensors").write_bytes(b"x" * 1000)
-    live = tmp_path / f".edit.tmp-{_HOST}-{os.getpid()}-0000cccc"
+    (tmp_path / f".edit.tmp-{HOST}-{dead}-0000bbbb").mkdir()
+    (tmp_path / f".edit.tmp-{HOST}-{dead}-0000bbbb" / "generator.safetensors").write_bytes(b"x" * 1000)
+    live = tmp_path / f".edit.tmp-{HOST}-{os.getpid()}-0000cccc"
     live.mkdir()
     assert MeGEdit.from_pretrained(tmp_path / "edit").layer == LAYER
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["edit", live.name])
     shutil.rmtree(live)
-    (tmp_path / f".other.tmp-{_HOST}-{dead}-0000dddd").mkdir()  # another name's leftover: not this save's business
-    (tmp_path / f".edit.tmp-{_HOST}-{dead}-0000eeee").mkdir()
+    (tmp_path / f".other.tmp-{HOST}-{dead}-0000dddd").mkdir()  # another name's leftover: not this save's business
+    (tmp_path / f".edit.tmp-{HOST}-{dead}-0000eeee").mkdir()
     edited.save_pretrained(tmp_path / "edit")  # a save cleans them too
-    assert sorted(p.name for p in tmp_path.iterdir()) == [f".other.tmp-{_HOST}-{dead}-0000dddd", "edit"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f".other.tmp-{HOST}-{dead}-0000dddd", "edit"]
 
 
 def test_saved_files_get_ordinary_permissions(trained, tmp_path):

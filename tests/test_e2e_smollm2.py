@@ -17,7 +17,7 @@ from test_data import ROOT, data_dir
 N_EDITS = 12
 FAST = dict(  # every stage runs; only sizes shrink
     encoder_pairs=768, familiarity_hidden=256, familiarity_blocks=2, familiarity_holdout=N_EDITS,
-    dit_hidden=128, dit_depth=2, dit_patch_size=128, gen_epochs=40, gen_min_steps=300, gen_batch_size=64,
+    gen_hidden=128, gen_depth=2, dit_patch_size=128, gen_epochs=40, gen_min_steps=300, gen_batch_size=64,
 )
 UNRELATED = ["Once upon a time, in a small village, there lived a", "def fibonacci(n):\n    if n <",
              "To bake bread you need flour, water and", "The quick brown fox jumps over the lazy",

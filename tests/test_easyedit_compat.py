@@ -1,5 +1,5 @@
-"""Each fix in megedit/easyedit/compat.py: the wheel fails (or answers wrongly) without it, works with it, and
-nothing stays changed after the EasyEdit call."""
+"""Each fix in megedit/easyedit/ (import_fixes.py, compat.py, wheel_editor.py): the wheel fails (or answers wrongly)
+without it, works with it, and nothing stays changed after the EasyEdit call."""
 import importlib
 import logging
 import os
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from megedit.easyedit import compat, load_hparams
+from megedit.easyedit import compat, import_fixes, load_hparams
 from megedit.easyedit.loader import load_model_named
 from conftest import REQUESTS, memit_style_hparams, missing_asset, save_tiny_model, write_texts
 
@@ -68,9 +68,9 @@ def test_moved_transformers_helpers():
     """trainer/blip2_models/Qformer.py:39-44: the names it imports are missing from current transformers."""
     import transformers.modeling_utils as modeling_utils
 
-    with compat.importing(skip=("moved_helpers",)), pytest.raises(ImportError):
+    with import_fixes.importing(skip=("moved_helpers",)), pytest.raises(ImportError):
         exec(QFORMER_IMPORT, {})
-    with compat.importing():
+    with import_fixes.importing():
         exec(QFORMER_IMPORT, {})
     assert not hasattr(modeling_utils, "find_pruneable_heads_and_indices")  # gone again after the import
 
@@ -80,9 +80,9 @@ def test_vision_stubs_answer_easyeditor_only():
     if importlib.util.find_spec("torchvision") is not None:
         pytest.skip("torchvision is installed: no stub is needed")
     from_easyeditor, from_elsewhere = {"__name__": "easyeditor.trainer.blip2_models.eva_vit"}, {"__name__": "probe"}
-    with compat.importing(skip=("vision_stubs",)), pytest.raises(ImportError):
+    with import_fixes.importing(skip=("vision_stubs",)), pytest.raises(ImportError):
         exec("import torchvision.transforms", from_easyeditor)
-    with compat.importing():
+    with import_fixes.importing():
         with pytest.raises(ImportError):  # transformers' probes must keep seeing no torchvision
             exec("import torchvision", from_elsewhere)
         exec("import torchvision.transforms\nfrom timm.models.layers import drop_path", from_easyeditor)
@@ -95,10 +95,10 @@ def test_root_logger_is_put_back():
     saved = (list(root.handlers), root.level)
     root.handlers[:] = []  # as in a fresh process (pytest's own handlers would make basicConfig do nothing)
     try:
-        with compat.importing():
+        with import_fixes.importing():
             logging.basicConfig(level=logging.INFO)
         assert (root.handlers, root.level) == ([], saved[1])
-        with compat.importing(skip=("root_logger",)):
+        with import_fixes.importing(skip=("root_logger",)):
             logging.basicConfig(level=logging.INFO)
         assert root.handlers and root.level == logging.INFO  # left configured for the whole process
     finally:

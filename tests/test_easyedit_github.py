@@ -1,7 +1,7 @@
 """megedit on EasyEdit's GitHub source (the API of 2024+), the real one: ``../shared/easyedit-github`` beside the
 repository (``MEGEDIT_EASYEDIT_GITHUB`` overrides the folder), put first on the path of a fresh process so that it
 shadows the registry's wheel that install.sh installs. Its import needs are the ``[easyedit-github]`` extra; timm and
-torchvision are stubbed for easyeditor's imports only (megedit/easyedit/compat.py, ``vision_stubs``).
+torchvision are stubbed for easyeditor's imports only (megedit/easyedit/import_fixes.py, ``vision_stubs``).
 
 What it checks: the API is told apart and MeG keeps earlier edits exactly when ``sequential_edit`` says so; a loaded
 ``(model, tokenizer)`` works; AlphaEdit runs where EasyEdit's own cannot (and equals EasyEdit's own where it can);
@@ -245,9 +245,10 @@ Z_FOLDER = """
 import json, sys
 from pathlib import Path
 from megedit import runner
+from megedit.baselines.z_cache import z_cache_template
 cfg = runner.load_config(sys.argv[1], output=sys.argv[2])
 method = cfg.methods[0]
-folder = Path(runner._z_cache_template(cfg, method, runner.method_hparams(method, cfg))).parent
+folder = Path(z_cache_template(cfg, method, runner.method_hparams(method, cfg))).parent
 print("RESULT " + json.dumps({"folder": str(folder), "settings": json.loads((folder / "settings.json").read_text())}))
 """
 

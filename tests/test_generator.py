@@ -9,7 +9,7 @@ from megedit.generator import NeuronGenerator
 from megedit.hparams import MeGHyperParams
 
 E, P, C = 16, 130, 32  # memorisation task: edits, weights per neuron, condition size
-SMALL = dict(dit_hidden=64, dit_depth=2, dit_heads=4, dit_patch_size=16, gen_batch_size=16, gen_lr=3e-3)
+SMALL = dict(gen_hidden=64, gen_depth=2, dit_heads=4, dit_patch_size=16, gen_batch_size=16, gen_lr=3e-3)
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # conftest: tiny models run fastest on one thread
@@ -77,7 +77,7 @@ def test_condition_dropout_only_in_training():
 def test_dit_generator_memorises(trained, sampler):
     gen, hp, conds, targets, stats = trained
     assert stats["steps"] == 600 and stats["loss"] < 0.2
-    sampling = NeuronGenerator(P, C, hp.replace(gen_scheduler=sampler))
+    sampling = NeuronGenerator(P, C, hp.replace(sample_scheduler=sampler))
     sampling.load_state_dict(gen.state_dict())
     assert relative_error(targets.mean(0).expand(E, -1), targets) == pytest.approx(1.0)
     for steps in (1, 2, 10):
@@ -117,7 +117,7 @@ def test_training_and_sampling_are_deterministic():
 @pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
 def test_sampling_is_batch_independent(trained, sampler):
     gen, hp, conds, _, _ = trained
-    gen = NeuronGenerator(P, C, hp.replace(gen_scheduler=sampler))
+    gen = NeuronGenerator(P, C, hp.replace(sample_scheduler=sampler))
     gen.load_state_dict(trained[0].state_dict())
     batched = gen.sample(conds, steps=5)
     alone = torch.cat([gen.sample(conds[i:i + 1], steps=5) for i in range(E)])

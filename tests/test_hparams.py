@@ -71,7 +71,7 @@ def test_wrong_type_names_the_field(tmp_path, key, value):
     assert "<class" not in str(e.value)  # type names as written in the dataclass: int, float, str | None
 
 
-@pytest.mark.parametrize("key, value", [("generator", "gan"), ("gen_scheduler", "euler"),
+@pytest.mark.parametrize("key, value", [("generator", "gan"), ("sample_scheduler", "euler"),
                                         ("gen_prediction_type", "noise"), ("pseudo_edit_format", "csv")])
 def test_bad_choice_names_the_field_and_the_choices(tmp_path, key, value):
     with pytest.raises(HParamsError) as e:
@@ -82,7 +82,7 @@ def test_bad_choice_names_the_field_and_the_choices(tmp_path, key, value):
 @pytest.mark.parametrize("changes, field", [({"fit_steps": 0}, "fit_steps"), ({"dit_heads": 3}, "dit_heads"),
                                             ({"familiarity_classes": 1}, "familiarity_classes"),
                                             ({"layer": -1}, "layer"), ({"alg_name": "ROME"}, "alg_name"),
-                                            ({"gen_sample_steps": 2000}, "gen_sample_steps")])
+                                            ({"sample_steps": 2000}, "sample_steps")])
 def test_bad_values_name_the_field(changes, field):
     with pytest.raises(HParamsError, match=field):
         MeGHyperParams(**{"model_name": "x", "layer": 1, **changes})
@@ -131,3 +131,34 @@ def test_a_folder_is_not_an_hparams_file(tmp_path):
     (tmp_path / "MeG").mkdir()
     with pytest.raises(HParamsError, match="MeG"):
         MeGHyperParams.from_hparams(tmp_path / "MeG")
+
+
+# ------------------------------------------------------------------------------------- renamed keys
+OLD_KEYS = [("gen_scheduler", "sample_scheduler", "ddpm"), ("gen_sample_steps", "sample_steps", 3),
+            ("dit_hidden", "gen_hidden", 64), ("dit_depth", "gen_depth", 2)]
+
+
+@pytest.mark.parametrize("old, new, value", OLD_KEYS)
+def test_an_old_key_still_works_and_the_warning_names_the_new_one(tmp_path, caplog, old, new, value):
+    with pytest.warns(DeprecationWarning, match=f"'{old}' is deprecated: it is now '{new}'"):
+        hp = MeGHyperParams.from_hparams(write(tmp_path, minimal(**{old: value})))
+    assert getattr(hp, new) == value
+    assert new in caplog.text  # logged too: a YAML user sees it without Python's warning filters
+    assert old not in hp.to_dict() and hp.to_dict()[new] == value  # saved (edits, checkpoints) under the new name
+    with pytest.warns(DeprecationWarning, match=new):
+        assert getattr(MeGHyperParams(model_name="x", layer=1, **{old: value}), new) == value
+    with pytest.warns(DeprecationWarning, match=new):
+        assert getattr(MeGHyperParams(model_name="x", layer=1).replace(**{old: value}), new) == value
+
+
+@pytest.mark.parametrize("old, new, value", OLD_KEYS)
+def test_an_old_key_beside_its_new_name_is_refused(tmp_path, old, new, value):
+    with pytest.raises(HParamsError, match=f"'{old}' is the old name of '{new}'"):
+        MeGHyperParams.from_hparams(write(tmp_path, minimal(**{old: value, new: value})))
+
+
+def test_shipped_yamls_use_the_new_names():
+    from megedit.hparams import DEPRECATED_KEYS
+
+    for path in SHIPPED:
+        assert not set(yaml.safe_load(path.read_text())) & set(DEPRECATED_KEYS), path

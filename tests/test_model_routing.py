@@ -40,7 +40,7 @@ def parts():
     familiarity.tau.fill_(TAU)
     familiarity.requires_grad_(False)
     model = tiny_model("llama")
-    hp = MeGHyperParams(model_name="tiny", layer=LAYER, generator="mlp", dit_hidden=32, dit_depth=2, gen_epochs=150,
+    hp = MeGHyperParams(model_name="tiny", layer=LAYER, generator="mlp", gen_hidden=32, gen_depth=2, gen_epochs=150,
                         gen_batch_size=2, gen_lr=1e-2)
     targets = torch.randn(len(EDIT), neuron_size(model), generator=torch.Generator().manual_seed(0)) * 3
     generator = NeuronGenerator(neuron_size(model), keys.shape[1], hp)
@@ -269,7 +269,7 @@ def test_unload_restores_the_original_model(setup):
 
 def test_gate_probe_rates_per_kind_and_never_on_trained_texts(parts):
     from megedit.augment import PseudoEditPool
-    from megedit.probe import _seen_by_training, gate_probe
+    from megedit.probe import seen_by_training, gate_probe
 
     encoder, familiarity, generator, hp, _ = parts
     edit = MeGEdit(encoder, familiarity, generator, LAYER, hp)
@@ -288,6 +288,6 @@ def test_gate_probe_rates_per_kind_and_never_on_trained_texts(parts):
     assert rates["locality"] == 0.0 and rates["questions"] == 0.0
     assert out["n"]["questions"] == 1
     assert all(0.0 <= v <= 1.0 for v in rates.values())
-    seen = _seen_by_training(pool, requests, hp)
+    seen = seen_by_training(pool, requests, hp)
     fresh = [t for pairs in pool.near_misses(requests[0], 2, salt="probe").values() for t, _ in pairs if t not in seen]
     assert sum(out["n"].get(f"near_{k}", 0) for k in ("same_relation", "same_subject", "unrelated")) == len(fresh)

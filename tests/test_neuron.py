@@ -6,7 +6,7 @@ import torch
 
 from megedit.arch import neuron_size
 from megedit.neuron import NeuronBatch, active_neurons, inject_neuron, injected_layer, remove_neuron
-from megedit.upper import TailStack, split_tail
+from megedit.tail_replay import TailStack, split_tail
 
 from conftest import ARCHS, tiny_model
 

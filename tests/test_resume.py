@@ -108,7 +108,7 @@ def test_run_key_reads_what_training_reads():
     easyedit = [{k: v for k, v in r.items() if k != "case_id"} | {"portability": {}} for r in EDITS]
     run, stages, _ = run_keys(ours, hp, base)
     assert run_keys(easyedit, hp, base)[:2] == (run, stages)
-    sampling_only = hp.replace(batch_size=64, max_length=512, gen_sample_steps=10, gen_scheduler="ddpm")
+    sampling_only = hp.replace(batch_size=64, max_length=512, sample_steps=10, sample_scheduler="ddpm")
     assert run_keys(ours, sampling_only, base)[:2] == (run, stages)
     for changed in (hp.replace(layer=2), hp.replace(n_paraphrase_views=hp.n_paraphrase_views + 1)):
         assert run_keys(ours, changed, base)[0] != run

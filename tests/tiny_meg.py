@@ -11,7 +11,7 @@ import torch
 
 from megedit.hparams import MeGHyperParams
 
-from conftest import _gpt2_tokenizer, tiny_model
+from conftest import load_gpt2_tokenizer, tiny_model
 from test_data import data_dir
 
 # single-token answers (for the GPT-2 tokenizer), so that a 40-step fit on a tiny model reproduces them
@@ -46,8 +46,8 @@ def tiny_hparams(folder: Path, **changes) -> MeGHyperParams:
         "encoder_pairs": 16, "encoder_batch_size": 8, "encoder_trainable_layers": 1,
         "familiarity_hidden": 32, "familiarity_blocks": 1, "familiarity_epochs": 3, "familiarity_holdout": 2,
         "fit_steps": 40, "fit_batch_edits": 1,
-        "dit_hidden": 32, "dit_depth": 1, "dit_heads": 2, "dit_patch_size": 16, "dit_mlp_ratio": 2.0,
-        "gen_epochs": 8, "gen_batch_size": 16, "gen_lr": 3e-3, "gen_sample_steps": 2, "eval_batch_size": 8,
+        "gen_hidden": 32, "gen_depth": 1, "dit_heads": 2, "dit_patch_size": 16, "dit_mlp_ratio": 2.0,
+        "gen_epochs": 8, "gen_batch_size": 16, "gen_lr": 3e-3, "sample_steps": 2, "eval_batch_size": 8,
         **changes})
 
 
@@ -56,7 +56,7 @@ def tiny_base():
     model = tiny_model("llama")
     with torch.no_grad():
         model.get_output_embeddings().weight.mul_(50)
-    return model, _gpt2_tokenizer()
+    return model, load_gpt2_tokenizer()
 
 
 def saved_tiny_edit(folder: Path):

@@ -13,7 +13,7 @@ registry's 2023 wheel takes ``keep_original_weight``; the GitHub API of 2024+ ta
   ``ALG_DICT["AlphaEdit"]`` (``megedit.baselines.alphaedit``); on the GitHub API, EasyEdit's AlphaEdit where it can
   handle the model, else megedit's (``alphaedit_choice``); both count as batchable for ``batch_edit``;
 - ``batch_edit`` trains MeG once on all its requests (MeG learns one artifact for a set of edits);
-- on the wheel only: the fixes of ``compat`` around every ``BaseEditor`` call (CPU devices, current transformers,
+- on the wheel only: the fixes of ``compat`` (``wheel_editor``) around every ``BaseEditor`` call (CPU devices, current transformers,
   model loading for builtin names / GGUF files, batch_edit's metrics, no statistics downloads);
 - on the GitHub API: builtin model names and GGUF files load through megedit, a loaded ``(model, tokenizer)`` gets
   a name string for EasyEdit's evaluators, and ``sequential_edit`` reaches MeG and megedit's AlphaEdit (its apply
@@ -23,12 +23,11 @@ from __future__ import annotations
 
 import functools
 import importlib
-import importlib.util
 import inspect
 from pathlib import Path
 
-
 from ..yaml_file import read_yaml_mapping
+from .api import detect_api, import_easyeditor
 from .loader import load_model_named, normalise_device
 from .alphaedit_choice import choosing, easyedit_cannot
 from .meg_adapter import TRAIN_ONCE_ALGS, apply_meg_easyedit, kept_requests
@@ -37,29 +36,6 @@ from .sequential import sequential_edits
 BATCHABLE_ALGS = {"MeG", "AlphaEdit"}
 SEQUENTIAL_AWARE_ALGS = {"MeG", "AlphaEdit"}  # told GitHub's sequential_edit (megedit's code reads it; EasyEdit's not)
 _state: dict = {}
-
-
-def import_easyeditor():
-    """Import EasyEdit with the import-time shims (each adds only what is missing and is undone after the import)."""
-    from . import compat
-
-    if importlib.util.find_spec("easyeditor") is None:
-        raise ImportError("EasyEdit is not installed: `pip install --no-deps easyeditor==0.0.1.dev0` plus its import "
-                          "dependencies (see the README), or install EasyEdit from GitHub")
-    with compat.importing():
-        return importlib.import_module("easyeditor")
-
-
-def detect_api() -> str:
-    """"wheel" (``edit(..., keep_original_weight=...)``) or "github" (``edit(..., sequential_edit=...)``)."""
-    import_easyeditor()
-    editor = importlib.import_module("easyeditor.editors.editor")
-    params = inspect.signature(editor.BaseEditor.edit).parameters
-    if "sequential_edit" in params:
-        return "github"
-    if "keep_original_weight" in params:
-        return "wheel"
-    raise RuntimeError(f"unrecognised EasyEdit API: BaseEditor.edit{inspect.signature(editor.BaseEditor.edit)}")
 
 
 def register() -> str:
@@ -79,9 +55,9 @@ def register() -> str:
         alg_dict["AlphaEdit"] = choosing(alg_dict["AlphaEdit"], apply_alphaedit_to_model)
     _allow_batching(importlib.import_module("easyeditor.editors.batch_editor").BatchEditor)
     if api == "wheel":
-        from . import compat
+        from .wheel_editor import wrap_editor
 
-        compat.wrap_editor(editor_module.BaseEditor)
+        wrap_editor(editor_module.BaseEditor)
     else:
         _wrap_github(editor_module.BaseEditor)
     _state["api"] = api

@@ -32,8 +32,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ...atomic import atomic_write
+from ...easyedit.api import import_easyeditor, installed_api
 from ...easyedit.sequential import edits_stay
+from ..z_cache import save_z, z_cache_file
 from .alphaedit_hparams import AlphaEditHyperParams
 
 
@@ -69,10 +70,8 @@ def reset_alphaedit(model) -> None:
     _STATES.pop(model, None)
 
 
-def _memit():
+def memit_modules():
     """The installed EasyEdit's MEMIT functions (imported with megedit's import-time shims)."""
-    from ...easyedit import import_easyeditor
-
     import_easyeditor()
     names = ("easyeditor.models.memit.memit_main", "easyeditor.models.memit.compute_z",
              "easyeditor.models.memit.compute_ks", "easyeditor.util.nethook")
@@ -80,11 +79,11 @@ def _memit():
     return main, z, ks, nethook
 
 
-def _runtime():
+def easyedit_runtime():
     """The wheel's runtime fixes when the wheel is what is installed (re-entrant inside a BaseEditor call)."""
-    from ...easyedit import compat, register
+    from ...easyedit.compat import runtime
 
-    return compat.runtime() if register() == "wheel" else nullcontext()
+    return runtime() if installed_api() == "wheel" else nullcontext()
 
 
 def _signature(model, hp: AlphaEditHyperParams) -> tuple:
@@ -122,7 +121,7 @@ def _projectors(model, tok, hp: AlphaEditHyperParams, signature: tuple) -> torch
     path = Path(hp.P_loc) if hp.P_loc else None
     if path is not None and (cached := _load_projectors(path, signature)) is not None:
         return cached
-    main = _memit()[0]
+    main = memit_modules()[0]
     projectors = torch.stack([
         null_space_projector(main.get_cov(model, tok, hp.rewrite_module_tmp.format(layer), hp.mom2_dataset,
                                           hp.mom2_n_samples, hp.mom2_dtype, hparams=hp).cpu(), hp.nullspace_threshold)
@@ -145,7 +144,7 @@ def _state(model, tok, hp: AlphaEditHyperParams, reset: bool) -> _EditState:
     return state
 
 
-def _prepared(requests: list[dict]) -> list[dict]:
+def prepared_requests(requests: list[dict]) -> list[dict]:
     """EasyEdit's request form for MEMIT's code: target with a leading space, subject replaced by "{}" in the prompt."""
     out = deepcopy(list(requests))
     for r in out:
@@ -158,23 +157,9 @@ def _prepared(requests: list[dict]) -> list[dict]:
     return out
 
 
-def z_cache_file(cache_template: str, hp, case_id) -> Path:
-    """EasyEdit's per-case z file: ``cache_template`` filled with the z layer, the clamp factor and the case id."""
-    return Path(str(cache_template).format(hp.layers[-1], hp.clamp_norm_factor, case_id))
-
-
-def save_z(path: Path, z: np.ndarray) -> None:
-    """EasyEdit's cache format ({"v_star": z}), written atomically: another process may be reading the folder."""
-    def write(tmp: Path) -> None:
-        with open(tmp, "wb") as f:
-            np.savez(f, v_star=z)
-
-    atomic_write(path, write)
-
-
-def _target_vectors(model, tok, requests, hp, context_templates, cache_template) -> torch.Tensor:
+def target_vectors(model, tok, requests, hp, context_templates, cache_template) -> torch.Tensor:
     """z for every request (d × n), read from / written to EasyEdit's per-case cache file when a template is given."""
-    _, z_module, _, _ = _memit()
+    _, z_module, _, _ = memit_modules()
     zs = []
     for r in requests:
         path = None
@@ -206,15 +191,15 @@ def apply_alphaedit_to_model(model, tok, requests, hparams: AlphaEditHyperParams
         raise ValueError("no requests to edit")
     if copy:
         model = deepcopy(model)
-    main, _, ks_module, nethook = _memit()
-    hp, requests, stay = hparams, _prepared(requests), edits_stay(keep_original_weight)
-    with _runtime():
+    main, _, ks_module, nethook = memit_modules()
+    hp, requests, stay = hparams, prepared_requests(requests), edits_stay(keep_original_weight)
+    with easyedit_runtime():
         state = _state(model, tok, hp, reset_cache)
         names = [f"{hp.rewrite_module_tmp.format(layer)}.weight" for layer in hp.layers]
         weights = {name: nethook.get_parameter(model, name) for name in names}
         weights_copy = {name: w.detach().clone() for name, w in weights.items()} if return_orig_weights else {}
         context_templates = main.get_context_templates(model, tok)
-        zs = _target_vectors(model, tok, requests, hp, context_templates, cache_template)  # (d, n)
+        zs = target_vectors(model, tok, requests, hp, context_templates, cache_template)  # (d, n)
         for i, (layer, name) in enumerate(zip(hp.layers, names)):
             keys = ks_module.compute_ks(model, tok, requests, hp, layer, context_templates).T  # (d_k, n)
             current = main.get_module_input_output_at_words(

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 from transformers import DynamicCache
 
-from .arch import arch_of, decoder_layers, get_module, hidden_size
+from .arch import arch_of, decoder_layers, get_module, hidden_size, mlp_of
 
 
 @dataclass
@@ -70,7 +70,7 @@ class TailStack:
         self.final_norm = get_module(model, arch_of(model).final_norm)
         self.lm_head = model.get_output_embeddings()
         self.batch_size = batch.tail_ids.shape[0]
-        mlp = getattr(decoder_layers(model)[layer], arch_of(model).mlp)
+        mlp = mlp_of(model, layer)
         # where the neuron acts: with a device_map, layer `layer` may sit on another device than the embeddings
         self.device = next(mlp.parameters()).device
         mask = torch.cat([batch.prefix_mask, batch.tail_mask], 1).to(device)
