@@ -133,6 +133,13 @@ class MeGHyperParams:
     gen_sample_steps: int = 10
     gen_target_scale: float = 1.0  # neuron weights are divided by their per-coordinate std, then multiplied by this
 
+    # after the gate: a query naming one of its nearest edits' subject passes only if, subject masked, it asks that
+    # edit's relation (megedit/relation.py); its threshold is chosen on pool near misses unless relation_threshold is set
+    relation_check: bool = False
+    relation_top_k: int = 3  # nearest edits (by the gate's keys) whose subject is looked for in the query
+    relation_threshold: float | None = None  # cosine similarity of the masked query to a masked view; None = chosen
+    relation_calibration_edits: int = 300  # edits whose held-out views and same-subject near misses choose it
+
     eval_batch_size: int = 32
 
     # long runs: save each stage's output, each chunk of fitted neurons and the generator's training state under
@@ -167,7 +174,8 @@ class MeGHyperParams:
         positive = ["familiarity_classes", "fit_steps", "fit_batch_edits", "gen_epochs", "gen_batch_size",
                     "gen_sample_steps", "dit_hidden", "dit_depth", "dit_heads", "dit_patch_size", "eval_batch_size",
                     "familiarity_epochs", "familiarity_batch_size", "encoder_batch_size", "gen_train_timesteps",
-                    "checkpoint_gen_epochs", "encoder_epochs", "encoder_pairs"]
+                    "checkpoint_gen_epochs", "encoder_epochs", "encoder_pairs", "relation_top_k",
+                    "relation_calibration_edits"]
         for name in positive:
             if getattr(self, name) <= 0:
                 raise HParamsError(f"hparams field {name!r} must be positive, got {getattr(self, name)!r}")
