@@ -35,6 +35,9 @@ VARIANTS = {
     "relation check (top_k 3)": {},
     "relation check, top_k 1": {"relation_top_k": 1},
     "relation check, mask 'someone'": {"mask": "someone"},
+    "relation check, threshold 0.6 (fixed)": {"relation_threshold": 0.6},
+    "relation check, threshold 0.7 (fixed)": {"relation_threshold": 0.7},
+    "relation check, threshold 0.8 (fixed)": {"relation_threshold": 0.8},
 }
 COLUMNS = [("rel_tf", "Rel TF"), ("rel_ag", "Rel AG"), ("gen_tf", "Gen TF"), ("gen_ag", "Gen AG"),
            ("loc_tf", "Loc TF"), ("loc_ag", "Loc AG"),

@@ -138,7 +138,10 @@ class MeGHyperParams:
     relation_check: bool = False
     relation_top_k: int = 3  # nearest edits (by the gate's keys) whose subject is looked for in the query
     relation_threshold: float | None = None  # cosine similarity of the masked query to a masked view; None = chosen
-    relation_calibration_edits: int = 300  # edits whose held-out views and same-subject near misses choose it
+    relation_calibration_edits: int = 300  # edits (and/or pool pseudo-edits) whose calibration queries choose it
+    # calibration queries: "edits" (the edits' held-out views vs their same-subject near misses), "pool" (pool
+    # pseudo-edits' own rephrasings vs their same-subject near misses: real paraphrases, for any edit set) or "both"
+    relation_calibration: str = "edits"
 
     eval_batch_size: int = 32
 
@@ -167,7 +170,7 @@ class MeGHyperParams:
                    "gen_timestep_sampling": ("uniform", "logit_normal"),
                    "gen_prediction_type": ("v_prediction", "epsilon", "sample"),
                    "pseudo_edit_format": ("auto", "counterfact", "counterfact-rome", "zsre"),
-                   "training_precision": PRECISIONS}
+                   "training_precision": PRECISIONS, "relation_calibration": ("edits", "pool", "both")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise HParamsError(f"hparams field {name!r} must be one of {allowed}, got {getattr(self, name)!r}")

@@ -153,17 +153,8 @@ def fit_relation_check(encoder, requests: list[dict], views: list[list[str]], po
                        held_out=None) -> tuple[RelationCheck, dict]:
     """The check for these edits: masked training views as keys; threshold chosen on calibration queries (or
     ``relation_threshold`` when set). ``views``: per edit, its prompt and training views (``TrainingTexts.views``)."""
-    subjects = [r["subject"] for r in requests]
-    keys, owner = [], []
-    for e, v in enumerate(views):
-        masked = dict.fromkeys(m for m in (relation_text(t, subjects[e]) for t in v) if m)
-        keys += list(masked)
-        owner += [e] * len(masked)
-    key_emb = embed(encoder, keys)
-    check = RelationCheck(subjects, len(keys), key_emb.shape[1], hp.relation_top_k)
-    check.keys.copy_(key_emb.half())
-    check.key_edit.copy_(torch.tensor(owner, dtype=torch.long))
-    report: dict = {"keys": len(keys)}
+    check = build_check(encoder, requests, views, hp.relation_top_k)
+    report: dict = {"keys": len(check.keys)}
     if hp.relation_threshold is not None:
         check.threshold.fill_(hp.relation_threshold)
         report["threshold"] = hp.relation_threshold
@@ -171,16 +162,76 @@ def fit_relation_check(encoder, requests: list[dict], views: list[list[str]], po
     if pool is None:
         raise ValueError("the relation check chooses its threshold on pool near misses: set pseudo_edit_data, or set "
                          "relation_threshold")
-    familiar, near = calibration_texts(requests, views, pool, hp, held_out)
-    scores = {}
-    for name, pairs in (("familiar", familiar), ("same_subject", near)):
-        masked = [(relation_text(t, subjects[e]), e) for t, e in pairs]
-        masked = [(m, e) for m, e in masked if m]
-        emb = embed(encoder, [m for m, _ in masked])
-        scores[name] = check.similarity_to_edit(emb, [e for _, e in masked]) if masked else torch.zeros(0)
-    report.update(_choose_threshold(scores["familiar"], scores["same_subject"]))
+    scores = {"familiar": [], "same_subject": []}
+    if hp.relation_calibration in ("edits", "both"):
+        familiar, near = calibration_texts(requests, views, pool, hp, held_out)
+        for name, s in _scores(encoder, check, familiar, near).items():
+            scores[name].append(s)
+    if hp.relation_calibration in ("pool", "both"):
+        pseudo, pseudo_views, familiar, near = pool_calibration(pool, hp, held_out)
+        pseudo_check = build_check(encoder, pseudo, pseudo_views, hp.relation_top_k)
+        for name, s in _scores(encoder, pseudo_check, familiar, near).items():
+            scores[name].append(s)
+    report.update(_choose_threshold(torch.cat(scores["familiar"]), torch.cat(scores["same_subject"])))
+    report["calibration"] = hp.relation_calibration
     check.threshold.fill_(report["threshold"])
     return check, report
+
+
+def build_check(encoder, requests: list[dict], views: list[list[str]], top_k: int) -> RelationCheck:
+    """A check (threshold unset) whose keys are each edit's views, bare and followed by the new target (what a
+    teacher-forced query routes on), cut to the subject's sentence and masked."""
+    subjects = [r["subject"] for r in requests]
+    keys, owner = [], []
+    for e, v in enumerate(views):
+        texts = [*v, *(f"{t} {requests[e]['target_new']}" for t in v)]
+        masked = dict.fromkeys(m for m in (relation_text(t, subjects[e]) for t in texts) if m)
+        keys += list(masked)
+        owner += [e] * len(masked)
+    key_emb = embed(encoder, keys)
+    check = RelationCheck(subjects, len(keys), key_emb.shape[1], top_k)
+    check.keys.copy_(key_emb.half())
+    check.key_edit.copy_(torch.tensor(owner, dtype=torch.long))
+    return check
+
+
+def _scores(encoder, check: RelationCheck, familiar, near) -> dict[str, torch.Tensor]:
+    """Each calibration query's masked similarity to its own edit's keys."""
+    out = {}
+    for name, pairs in (("familiar", familiar), ("same_subject", near)):
+        masked = [(relation_text(t, check.subjects[e]), e) for t, e in pairs]
+        masked = [(m, e) for m, e in masked if m]
+        emb = embed(encoder, [m for m, _ in masked])
+        out[name] = check.similarity_to_edit(emb, [e for _, e in masked]) if masked else torch.zeros(0)
+    return out
+
+
+def pool_calibration(pool, hp, held_out=None):
+    """Calibration on pseudo-edits of the pool itself, where the dataset gives each a real paraphrase with other
+    wording (an edit whose template the pool never rephrases has only prefixed copies of its prompt as views, which
+    say nothing of how far a paraphrase strays): ``relation_calibration_edits`` pool records with a rephrasing, each
+    a pseudo-edit whose keys are its training views (without its own rephrasing); familiar = its rephrasing, bare and
+    answered; same-subject = its near misses of the calibration draw. Returns (pseudo-edits, their views, familiar,
+    same-subject)."""
+    rng = random.Random(f"{hp.seed}|relation-pool")
+    items = [it for it in pool.items if it.rephrase and it.answer]
+    items = rng.sample(items, min(hp.relation_calibration_edits, len(items)))
+    pseudo, views, familiar, near = [], [], [], []
+    for it in items:
+        r = {"prompt": it.prompt, "subject": it.subject, "target_new": it.answer}
+        v = [t for t in pool.views(r, hp.n_paraphrase_views, hp.n_prefix_views) if t != it.rephrase]
+        e = len(pseudo)
+        pseudo.append(r)
+        views.append(v)
+        pairs = [(it.rephrase, it.answer)]
+        if held_out is not None:
+            pairs = held_out.keep_pairs(pairs, "relation.pool_familiar")
+        familiar += [(t, e) for t, _ in pairs] + [(f"{t} {a}", e) for t, a in pairs]
+        pairs = pool.near_misses(r, 1, salt="calibration")["same_subject"]
+        if held_out is not None:
+            pairs = held_out.keep_pairs(pairs, "relation.pool_same_subject")
+        near += [(t, e) for t, _ in pairs] + [(f"{t} {a}".strip(), e) for t, a in pairs if a]
+    return pseudo, views, familiar, near
 
 
 RELATION_FILES = ("relation.safetensors", "relation.json")

@@ -10,7 +10,8 @@ from megedit.augment import PseudoEditPool
 from megedit.data import load_requests
 from megedit.leakage import HeldOutTexts
 from megedit.model import MeGModel
-from megedit.relation import RelationCheck, _choose_threshold, calibration_texts, fit_relation_check, relation_text
+from megedit.relation import (RelationCheck, _choose_threshold, calibration_texts, fit_relation_check, pool_calibration,
+                              relation_text)
 from megedit.trace import format_trace, trace_query
 
 from tiny_meg import EDITS, pool_file, tiny_base, tiny_hparams
@@ -105,6 +106,22 @@ def test_calibration_and_keys_come_from_the_pool_never_from_evaluation_texts(tmp
     assert float(check.threshold) == pytest.approx(report["threshold"])
     fixed, report = fit_relation_check(BagOfWords(), requests, views, None, hp.replace(relation_threshold=0.5))
     assert float(fixed.threshold) == 0.5 and report["threshold"] == 0.5
+
+
+def test_pool_calibration_uses_real_rephrasings_that_are_not_keys(tmp_path):
+    hp = tiny_hparams(tmp_path, relation_check=True, relation_calibration_edits=5)
+    pool = PseudoEditPool(load_requests("auto", str(pool_file(tmp_path))), seed=hp.seed)
+    pseudo, views, familiar, near = pool_calibration(pool, hp)
+    assert len(pseudo) == len(views) == 5 and familiar and near
+    rephrasings = {it.prompt: it.rephrase for it in pool.items}
+    for t, e in familiar:
+        assert t.startswith(rephrasings[pseudo[e]["prompt"]]) and rephrasings[pseudo[e]["prompt"]] not in views[e]
+    for t, e in near:
+        assert pseudo[e]["subject"] in t and pseudo[e]["prompt"] not in t
+    _, both = fit_relation_check(BagOfWords(), list(EDITS), [[r["prompt"]] for r in EDITS], pool,
+                                 hp.replace(relation_calibration="both"))
+    _, edits_only = fit_relation_check(BagOfWords(), list(EDITS), [[r["prompt"]] for r in EDITS], pool, hp)
+    assert both["n_familiar"] == edits_only["n_familiar"] + len(familiar) and both["calibration"] == "both"
 
 
 @pytest.fixture(scope="module")
