@@ -32,12 +32,13 @@ from megedit.relation import fit_relation_check
 # name -> changes: relation_* hparams, and "mask" (what stands for the subject)
 VARIANTS = {
     "gate only (no check)": None,
-    "relation check (top_k 3)": {},
-    "relation check, top_k 1": {"relation_top_k": 1},
-    "relation check, mask 'someone'": {"mask": "someone"},
-    "relation check, threshold 0.6 (fixed)": {"relation_threshold": 0.6},
-    "relation check, threshold 0.7 (fixed)": {"relation_threshold": 0.7},
-    "relation check, threshold 0.8 (fixed)": {"relation_threshold": 0.8},
+    "check, calibration edits": {"relation_calibration": "edits"},
+    "check, calibration pool": {"relation_calibration": "pool"},
+    "check, calibration both": {"relation_calibration": "both"},
+    "check both, top_k 1": {"relation_calibration": "both", "relation_top_k": 1},
+    "check both, mask 'someone'": {"relation_calibration": "both", "mask": "someone"},
+    "check, threshold 0.6 (fixed)": {"relation_threshold": 0.6},
+    "check, threshold 0.8 (fixed)": {"relation_threshold": 0.8},
 }
 COLUMNS = [("rel_tf", "Rel TF"), ("rel_ag", "Rel AG"), ("gen_tf", "Gen TF"), ("gen_ag", "Gen AG"),
            ("loc_tf", "Loc TF"), ("loc_ag", "Loc AG"),
@@ -59,6 +60,8 @@ def main(argv=None) -> int:
     parser.add_argument("--n", type=int, required=True, help="the --n the edit was trained with")
     parser.add_argument("--offset", type=int, default=0)
     parser.add_argument("--variants", nargs="*", help="names of VARIANTS to run (default: all)")
+    parser.add_argument("--routing-only", action="store_true", help="only the gate probe's rates (no LLM evaluation: "
+                        "minutes instead of an hour on a busy CPU)")
     parser.add_argument("--out", required=True, help="folder for results.json and results.md")
     args = parser.parse_args(argv)
     requests = load_requests(args.format, args.data, n=args.n, offset=args.offset, split=args.split)
@@ -74,7 +77,7 @@ def main(argv=None) -> int:
         raise SystemExit("these requests are not the ones the saved edit was trained on: check --data/--split/--n")
     pool = load_pool(requests, hp)
     t0 = time.time()
-    reference = locality_reference(model, tok, requests, hp.eval_batch_size)
+    reference = None if args.routing_only else locality_reference(model, tok, requests, hp.eval_batch_size)
     reference_s = time.time() - t0
     rows = {}
     for name in args.variants or list(VARIANTS):
@@ -93,10 +96,14 @@ def main(argv=None) -> int:
             report["left_out_leaking"] = held_out.report()["left_out_total"]
         report["build_s"] = time.time() - t0
         t0 = time.time()
-        post = evaluate_requests(edited, tok, requests, reference, hp.eval_batch_size, progress=False)["summary"]
+        post = {} if args.routing_only else \
+            evaluate_requests(edited, tok, requests, reference, hp.eval_batch_size, progress=False)["summary"]
         report["eval_s"] = time.time() - t0
         probe = gate_probe(edited.edit, requests, pool, trained_on=requests)
         rows[name] = {"metrics": post, "probe": probe, "relation": report, "mask": relation_module.MASK}
+        partial = Path(args.out) / "partial.json"  # a long run stopped midway keeps its finished rows
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        partial.write_text(json.dumps(rows, indent=2, default=str))
         print(f"{name}: " + "  ".join(f"{label} {post.get(k, float('nan')):.1f}" for k, label in COLUMNS) + " | " +
               "  ".join(f"{label} {probe['familiar_rate'].get(k, float('nan')):.3f}" for k, label in RATES),
               flush=True)
@@ -105,6 +112,8 @@ def main(argv=None) -> int:
     (out / "results.json").write_text(json.dumps({"command": vars(args), "edit": str(edit_dir),
                                                   "reference_s": reference_s, "rows": rows}, indent=2, default=str))
     head = "| variant | " + " | ".join(label for _, label in COLUMNS) + " | threshold |"
+    if args.routing_only:
+        COLUMNS.clear()
     lines = [f"Relation check ablation: {args.n} edits of {args.data}" + (f" ({args.split} part)" if args.split else "")
              + f", saved edit {edit_dir}", "", "Metrics (%, after the edit):", "", head,
              "|" + "---|" * (len(COLUMNS) + 2)]

@@ -141,7 +141,7 @@ class MeGHyperParams:
     relation_calibration_edits: int = 300  # edits (and/or pool pseudo-edits) whose calibration queries choose it
     # calibration queries: "edits" (the edits' held-out views vs their same-subject near misses), "pool" (pool
     # pseudo-edits' own rephrasings vs their same-subject near misses: real paraphrases, for any edit set) or "both"
-    relation_calibration: str = "edits"
+    relation_calibration: str = "both"
 
     eval_batch_size: int = 32
 

@@ -86,7 +86,7 @@ def test_threshold_is_the_middle_of_the_best_range():
 
 
 def test_calibration_and_keys_come_from_the_pool_never_from_evaluation_texts(tmp_path):
-    hp = tiny_hparams(tmp_path, relation_check=True, relation_calibration_edits=4)
+    hp = tiny_hparams(tmp_path, relation_check=True, relation_calibration_edits=4, relation_calibration="edits")
     pool = PseudoEditPool(load_requests("auto", str(pool_file(tmp_path))), seed=hp.seed)
     requests = [dict(r) for r in EDITS]
     # an evaluation text that a calibration view would otherwise be: it must be left out
@@ -109,7 +109,7 @@ def test_calibration_and_keys_come_from_the_pool_never_from_evaluation_texts(tmp
 
 
 def test_pool_calibration_uses_real_rephrasings_that_are_not_keys(tmp_path):
-    hp = tiny_hparams(tmp_path, relation_check=True, relation_calibration_edits=5)
+    hp = tiny_hparams(tmp_path, relation_check=True, relation_calibration_edits=5, relation_calibration="edits")
     pool = PseudoEditPool(load_requests("auto", str(pool_file(tmp_path))), seed=hp.seed)
     pseudo, views, familiar, near = pool_calibration(pool, hp)
     assert len(pseudo) == len(views) == 5 and familiar and near
