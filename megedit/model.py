@@ -34,7 +34,7 @@ class MeGEdit(nn.Module):
         # of: lets a trace name the edits a query resembles (megedit.trace); None for edits saved before they existed
         self.edits = edits
         self.key_edit = key_edit
-        # megedit.relation.RelationCheck, or None: after the gate, a query naming an edited subject must ask its relation
+        # megedit.relation.RelationCheck or None: after the gate, a query naming an edited subject must ask its relation
         self.relation = relation
 
     def save_pretrained(self, directory, base_model: nn.Module | None = None):

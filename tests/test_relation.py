@@ -31,7 +31,8 @@ class BagOfWords:
 
 
 def test_relation_text_masks_the_subject_in_its_sentence():
-    assert relation_text("The mother tongue of Danielle Darrieux is", "Danielle Darrieux") == "The mother tongue of X is"
+    assert relation_text("The mother tongue of Danielle Darrieux is", "Danielle Darrieux") == \
+        "The mother tongue of X is"
     # case-insensitive; the sentence before the subject's is dropped, what follows is kept
     assert relation_text("It rained. danielle darrieux spoke the language. Yes", "Danielle Darrieux") == \
         "X spoke the language. Yes"
@@ -130,7 +131,8 @@ def tiny_edit(tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("relation")
     model, tok = tiny_base()
-    edited, _ = apply_meg_to_model(model, tok, EDITS, tiny_hparams(folder, relation_check=True), progress=False)
+    hp = tiny_hparams(folder, relation_check=True, relation_calibration_edits=20)
+    edited, _ = apply_meg_to_model(model, tok, EDITS, hp, progress=False)
     return edited, tok, folder
 
 
