@@ -7,6 +7,8 @@ Layout of the folder::
     encoder/                 the tuned sentence-transformers model, whole (it is small)
     familiarity.safetensors  the gate, with its thresholds epsilon and tau and its keys
     generator.safetensors    the weight generator, with its normalisation and start noise
+    relation.safetensors     the relation check's masked keys, their edits and its threshold, with relation.json
+                             (subjects, top_k); optional: only an edit trained with relation_check has it
     edits.json               what was edited (case_id, prompt, subject, target_new) and the edit of each gate key, for
                              ``megedit ask`` (optional: edits saved before it existed load without it)
 
@@ -82,6 +84,10 @@ def save_edit(edit, directory: str | os.PathLike, fingerprint: dict) -> Path:
         (tmp / "hparams.yaml").write_text(yaml.safe_dump(edit.hparams.to_dict(), sort_keys=False))
         if edit.edits is not None:
             (tmp / EDITS).write_text(json.dumps({"edits": edit.edits, "key_edit": edit.key_edit}, default=str))
+        if getattr(edit, "relation", None) is not None:
+            from .relation import save_relation
+
+            save_relation(edit.relation, tmp)
         manifest = {
             "format": FORMAT, "megedit_version": __version__, "layer": edit.layer,
             "familiarity": {"dim": fam.keys.shape[1], "hidden": fam.blocks[0].ff[0].out_features if len(fam.blocks) else 1,
@@ -161,5 +167,9 @@ def load_edit_parts(directory: str | os.PathLike, base_model=None, device: str |
     for module in (encoder, familiarity, generator):
         module.to(device).eval().requires_grad_(False)
     edits = json.loads((directory / EDITS).read_text()) if EDITS in manifest["files"] else {}
+    from .relation import RELATION_FILES, load_relation
+
+    relation = load_relation(directory, device) if RELATION_FILES[0] in manifest["files"] else None
     return dict(encoder=encoder, familiarity=familiarity, generator=generator, layer=manifest["layer"], hparams=hp,
-                base_fingerprint=manifest["base_model"], edits=edits.get("edits"), key_edit=edits.get("key_edit"))
+                base_fingerprint=manifest["base_model"], edits=edits.get("edits"), key_edit=edits.get("key_edit"),
+                relation=relation)

@@ -94,7 +94,8 @@ def run_keys(requests: list[dict], hp, base_fingerprint: dict) -> tuple[str, dic
     pool = None
     if hp.pseudo_edit_data:
         pool = hashlib.sha256(resolve_data_path(hp.pseudo_edit_data).read_bytes()).hexdigest()
-    shared = {k: v for k, v in hp.to_dict().items() if k not in NOT_IN_KEY}
+    # the relation check is built after the last stage from their outputs, never checkpointed: its settings key nothing
+    shared = {k: v for k, v in hp.to_dict().items() if k not in NOT_IN_KEY and not k.startswith("relation_")}
     own = {stage: {k: shared[k] for k in shared if k.startswith(prefixes)} for stage, (prefixes, _) in STAGES.items()}
     for params in own.values():
         for k in params:

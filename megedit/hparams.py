@@ -144,6 +144,16 @@ class MeGHyperParams:
     sample_scheduler: str = "ddim"  # "ddim" or "ddpm"
     sample_steps: int = 10
 
+    # after the gate: a query naming one of its nearest edits' subject passes only if, subject masked, it asks that
+    # edit's relation (megedit/relation.py); its threshold is chosen on pool near misses unless relation_threshold is set
+    relation_check: bool = False
+    relation_top_k: int = 3  # nearest edits (by the gate's keys) whose subject is looked for in the query
+    relation_threshold: float | None = None  # cosine similarity of the masked query to a masked view; None = chosen
+    relation_calibration_edits: int = 300  # edits (and/or pool pseudo-edits) whose calibration queries choose it
+    # calibration queries: "edits" (the edits' held-out views vs their same-subject near misses), "pool" (pool
+    # pseudo-edits' own rephrasings vs their same-subject near misses: real paraphrases, for any edit set) or "both"
+    relation_calibration: str = "both"
+
     eval_batch_size: int = 32
 
     # long runs: save each stage's output, each chunk of fitted neurons and the generator's training state under
@@ -186,14 +196,15 @@ class MeGHyperParams:
                    "gen_timestep_sampling": ("uniform", "logit_normal"),
                    "gen_prediction_type": ("v_prediction", "epsilon", "sample"),
                    "pseudo_edit_format": ("auto", "counterfact", "counterfact-rome", "zsre"),
-                   "training_precision": PRECISIONS}
+                   "training_precision": PRECISIONS, "relation_calibration": ("edits", "pool", "both")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise HParamsError(f"hparams field {name!r} must be one of {allowed}, got {getattr(self, name)!r}")
         positive = ["familiarity_classes", "fit_steps", "fit_batch_edits", "gen_epochs", "gen_batch_size",
                     "sample_steps", "gen_hidden", "gen_depth", "dit_heads", "dit_patch_size", "eval_batch_size",
                     "familiarity_epochs", "familiarity_batch_size", "encoder_batch_size", "gen_train_timesteps",
-                    "checkpoint_gen_epochs", "encoder_epochs", "encoder_pairs"]
+                    "checkpoint_gen_epochs", "encoder_epochs", "encoder_pairs", "relation_top_k",
+                    "relation_calibration_edits"]
         for name in positive:
             if getattr(self, name) <= 0:
                 raise HParamsError(f"hparams field {name!r} must be positive, got {getattr(self, name)!r}")

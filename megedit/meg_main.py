@@ -32,6 +32,7 @@ from .loading import load_encoder
 from .model import MeGEdit, MeGModel
 from .neuron import remove_neuron
 from .precision import autocast_dtype, training_autocast
+from .relation import fit_relation_check
 
 log = logging.getLogger(__name__)
 # why a request without a subject is refused rather than trained on
@@ -249,8 +250,14 @@ def train_meg(model, tok, requests: list[dict], hp: MeGHyperParams, progress: bo
     report["seconds"]["stage4_generator"] = ckpt.seconds()
     edits = [{k: r.get(k) for k in ("case_id", "prompt", "subject", "target_new")} for r in requests]
     key_edit = texts.positive_edit[0::2]  # the gate's keys are the bare views: every other positive
+    relation = None
+    if hp.relation_check:  # query-time only, from the tuned encoder and the views: cheap, never checkpointed
+        t0 = time.time()
+        relation, report["relation"] = fit_relation_check(encoder, requests, texts.views, pool, hp, held_out)
+        report["seconds"]["relation_check"] = time.time() - t0
+        report["leakage"] = held_out.report()  # now with the calibration texts it left out
     return MeGEdit(encoder, familiarity, generator, hp.layer, hp, base_fingerprint=fingerprint, edits=edits,
-                   key_edit=key_edit), report
+                   key_edit=key_edit, relation=relation), report
 
 
 def apply_meg_to_model(model, tok, requests, hparams: MeGHyperParams, copy: bool = False,

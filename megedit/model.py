@@ -58,7 +58,7 @@ class MeGEdit(nn.Module):
 
     def __init__(self, encoder: nn.Module, familiarity: FamiliarityNet, generator: nn.Module, layer: int, hparams,
                  base_fingerprint: dict | None = None, edits: list[dict] | None = None,
-                 key_edit: list[int] | None = None):
+                 key_edit: list[int] | None = None, relation=None):
         super().__init__()
         self.encoder = encoder
         self.familiarity = familiarity
@@ -70,6 +70,8 @@ class MeGEdit(nn.Module):
         # of: lets a trace name the edits a query resembles (megedit.trace); None for edits saved before they existed
         self.edits = edits
         self.key_edit = key_edit
+        # megedit.relation.RelationCheck or None: after the gate, a query naming an edited subject must ask its relation
+        self.relation = relation
 
     def save_pretrained(self, directory, base_model: nn.Module | None = None):
         """Write the edit alone to ``directory`` (see ``megedit.artifact``); ``base_model`` if it has no fingerprint."""
@@ -90,12 +92,25 @@ class MeGEdit(nn.Module):
         return cls(**load_edit_parts(directory, base_model, device, strict))
 
     @torch.no_grad()
+    def applies(self, texts: list[str], emb: torch.Tensor | None = None,
+                settings: QuerySettings | None = None) -> torch.Tensor:
+        """(B,) bool: which texts get the edit — the gate passes them and, with a relation check, they ask an edited
+        subject's edited relation (or name no nearest edit's subject)."""
+        settings = settings or QuerySettings()
+        emb = embed(self.encoder, texts) if emb is None else emb  # (B, c)
+        passed = self.familiarity.familiar(emb, epsilon=settings.epsilon, tau=settings.tau).cpu()
+        rows = torch.nonzero(passed).squeeze(1)
+        if self.relation is not None and self.key_edit is not None and len(rows):
+            passed[rows] = self.relation.allows(self.encoder, [texts[i] for i in rows], emb[rows],
+                                                self.familiarity.keys, torch.tensor(self.key_edit))
+        return passed
+
+    @torch.no_grad()
     def route(self, texts: list[str], settings: QuerySettings | None = None) -> NeuronBatch:
         """The runtime path: which texts touch an edit, and the neuron each of those gets."""
         settings = settings or QuerySettings()
         emb = embed(self.encoder, texts)  # (B, c)
-        familiar = self.familiarity.familiar(emb, epsilon=settings.epsilon, tau=settings.tau)  # (B,)
-        rows = torch.nonzero(familiar).squeeze(1).cpu()  # (n,)
+        rows = torch.nonzero(self.applies(texts, emb, settings)).squeeze(1)  # (n,)
         if len(rows) == 0:
             return NeuronBatch(rows, emb.new_zeros(0, 0), len(texts))
         return NeuronBatch(rows, self.generator.sample(emb[rows], steps=settings.sample_steps), len(texts))  # (n, P)

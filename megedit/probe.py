@@ -13,7 +13,6 @@ from __future__ import annotations
 import torch
 
 from .augment import NEAR_MISS_KINDS, PseudoEditPool
-from .encoder import embed
 from .model import MeGEdit
 
 
@@ -21,7 +20,7 @@ from .model import MeGEdit
 def familiar_rate(edit: MeGEdit, texts: list[str]) -> float | None:
     if not texts:
         return None
-    return float(edit.familiarity.familiar(embed(edit.encoder, texts)).float().mean())
+    return float(edit.applies(texts).float().mean())  # the gate's decision, and the relation check's where there is one
 
 
 def _prompts(entry) -> list[str]:

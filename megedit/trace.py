@@ -46,15 +46,40 @@ def trace_query(edited: MeGModel, question: str, k: int = 3, max_new_tokens: int
     entropy, similarity = float(gate.entropy(emb)[0]), float(gate.nearest_similarity(emb)[0])
     epsilon, tau = float(gate.epsilon), float(gate.tau)
     familiar = entropy < epsilon and similarity >= tau  # FamiliarityNet.familiar's rule
-    if familiar != bool(edited.edit.route([routed]).rows.numel()):  # the trace must explain the real decision
-        raise RuntimeError("the trace's gate decision differs from the runtime routing's")
+    relation = None
+    if familiar and edited.edit.relation is not None and edited.edit.key_edit is not None:
+        from .relation import explain_for_trace
+
+        relation = explain_for_trace(edited.edit, routed, emb)
+    applied = familiar and (relation is None or relation["allowed"])
+    if applied != bool(edited.edit.route([routed]).rows.numel()):  # the trace must explain the real decision
+        raise RuntimeError("the trace's decision differs from the runtime routing's")
     # the wrapped model alone runs without the neuron: that is the unedited answer
     return {"question": question, "routed_text": routed,
             "entropy": entropy, "epsilon": epsilon, "entropy_below_epsilon": entropy < epsilon,
             "similarity": similarity, "tau": tau, "similarity_reaches_tau": similarity >= tau,
-            "familiar": familiar, "nearest_edits": nearest_edits(edited.edit, emb, k),
+            "familiar": familiar, "relation_check": relation, "edit_applied": applied,
+            "nearest_edits": nearest_edits(edited.edit, emb, k),
             "answer_unedited": _greedy_text(edited.model, tok, question, max_new_tokens),
             "answer_edited": _greedy_text(edited, tok, question, max_new_tokens)}
+
+
+def _decision(t: dict) -> str:
+    if not t["familiar"]:
+        return "not familiar: the unedited model answers"
+    rel = t.get("relation_check")
+    if rel is None:
+        return "familiar: the generated neuron is applied"
+    if rel["similarity"] is None:
+        return ("familiar; relation check: no nearest edit's subject is named in the query, so the gate's decision "
+                "stands: the generated neuron is applied")
+    verdict = (f"{rel['similarity']:.4f} >= threshold {rel['threshold']:.4f}: the generated neuron is applied"
+               if rel["allowed"] else
+               f"{rel['similarity']:.4f} < threshold {rel['threshold']:.4f}: refused (same subject, another relation), "
+               "the unedited model answers")
+    named = ", ".join(f"case {e['case_id']} ({e['subject']!r})" for e in rel["subject_edits"])
+    return (f"familiar; relation check: the query names the subject of {named}; subject masked, "
+            f"{rel['relation_text']!r} is closest to that edit's views at {verdict}")
 
 
 def format_trace(t: dict) -> str:
@@ -64,8 +89,7 @@ def format_trace(t: dict) -> str:
              f"gate: entropy {t['entropy']:.4f} < epsilon {t['epsilon']:.4f}? {yes[t['entropy_below_epsilon']]}; "
              f"nearest-view similarity {t['similarity']:.4f} >= tau {t['tau']:.4f}? "
              f"{yes[t['similarity_reaches_tau']]}",
-             "decision: " + ("familiar: the generated neuron is applied" if t["familiar"] else
-                             "not familiar: the unedited model answers")]
+             "decision: " + _decision(t)]
     if t["nearest_edits"]:
         lines.append("nearest edits (cosine similarity of the query to the edit's closest training view):")
         lines += [f"  {e['similarity']:.4f}  case {e['case_id']}: {e['prompt']!r} -> {e['target_new']!r}"
