@@ -144,6 +144,13 @@ def markdown(record: dict) -> str:
         if r.get("easyedit"):  # EasyEdit's compute_edit_quality on the same edited model (MeG routed on prompt + answer)
             lines.append(f"- EasyEdit's own numbers, {r['method']} n={r['n']}: " +
                          ", ".join(f"{k} {v:.1f}" for k, v in r["easyedit"].items() if isinstance(v, (int, float))))
+    for r in record["rows"]:  # what the edit time leaves out
+        if r.get("z_reused"):
+            lines.append(f"- {r['method']} n={r['n']}: {r['z_reused']} of its target vectors z were read from the z "
+                         "cache, so its edit time excludes computing them")
+        if r.get("resumed"):
+            lines.append(f"- {r['method']} n={r['n']}: its stages were read from checkpoints of an earlier run with the "
+                         "same key; its stage seconds and edit time are that run's")
     for method, seconds in record["seconds"].items():
         lines.append(f"- seconds, {method}: " + ", ".join(f"{k} {v:.1f}" for k, v in seconds.items()))
     for method, rates in record["per_kind"].items():

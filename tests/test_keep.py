@@ -74,3 +74,17 @@ def test_kept_table_naming_a_missing_folder_fails(tmp_path):
 
 def test_the_committed_readmes_match_their_kept_results():
     assert tables().main(["--check"]) == 0
+
+
+def test_kept_result_says_what_its_edit_time_leaves_out(tmp_path):
+    """A row whose target vectors came from the z cache, or whose MeG stages came from an earlier run's checkpoints,
+    says so under the table: its edit time is not a time to compare like for like."""
+    from megedit.keep import keep
+
+    rows = [{"method": "AlphaEdit", "n": 3, "data": "d.json", "edit_s": 2.0, "z_reused": 2},
+            {"method": "MeG", "n": 3, "data": "d.json", "edit_s": 9.0, "resumed": True},
+            {"method": "MEMIT", "n": 3, "data": "d.json", "edit_s": 5.0, "z_reused": 0, "resumed": False}]
+    md = (keep(tmp_path / "k", "k", rows, 0, {}, {}, {}) / "results.md").read_text()
+    assert "AlphaEdit n=3: 2 of its target vectors z were read from the z cache" in md
+    assert "MeG n=3: its stages were read from checkpoints of an earlier run" in md
+    assert "MEMIT n=3:" not in md
