@@ -43,6 +43,21 @@ def main(args) -> int:
     return 0
 
 
+def easyedit_source() -> str | None:
+    """The folder EasyEdit was imported from: the installed wheel's, or a GitHub source put first on the path (whose
+    version the package metadata does not know)."""
+    import importlib.util
+    from pathlib import Path
+
+    import os
+
+    spec = importlib.util.find_spec("easyeditor")
+    if not (spec and spec.origin):
+        return None
+    folder = Path(spec.origin).parent.parent
+    return "the installed package" if "site-packages" in folder.parts else os.path.relpath(folder)
+
+
 def keep_run_result(folder, cfg, records: list[dict], command: str | None = None, git: dict | None = None):
     """Every (method, size) of the run as one kept result (``megedit.keep``)."""
     from pathlib import Path
@@ -57,12 +72,13 @@ def keep_run_result(folder, cfg, records: list[dict], command: str | None = None
                      **{m: v for m, v in r["summary"].items() if m in REPORTABLE}, "edit_s": r["edit_seconds"],
                      "peak_gb": r["peak_rss_gb"] if r.get("peak_cuda_gb") is None else r["peak_cuda_gb"],
                      "easyedit": r["easyedit"], "z_reused": r.get("z_reused", 0),
-                     "resumed": bool((r.get("meg_report") or {}).get("resumed"))})
+                     "resumed": bool((r.get("meg_report") or {}).get("resumed")),
+                     "easyedit_api": r.get("easyedit_api"), "implementation": (r.get("implementation") or {}).get("code")})
         config[key] = {"hparams_file": r["hparams_file"], "hparams": r["hparams"]}
         per_kind[key] = {k: v for k, v in r["summary"].items() if k not in REPORTABLE}
         meg = r.get("meg_report") or {}
         seconds[key] = {**meg.get("seconds", {}), "edit": r["edit_seconds"], "batch_edit": r["batch_edit_seconds"]}
     return keep(folder, Path(folder).name, rows, cfg.seed, config, per_kind, seconds,
-                extra={"run_config": str(cfg.path), "training_texts_left_out": {
+                extra={"run_config": str(cfg.path), "easyedit_source": easyedit_source(), "training_texts_left_out": {
                     f"{r['method']} n={r['n']}": r["meg_report"]["leakage"] for r in records
                     if (r.get("meg_report") or {}).get("leakage")}}, command=command, git=git)

@@ -144,6 +144,12 @@ def markdown(record: dict) -> str:
         if r.get("easyedit"):  # EasyEdit's compute_edit_quality on the same edited model (MeG routed on prompt + answer)
             lines.append(f"- EasyEdit's own numbers, {r['method']} n={r['n']}: " +
                          ", ".join(f"{k} {v:.1f}" for k, v in r["easyedit"].items() if isinstance(v, (int, float))))
+    if record.get("easyedit_source"):
+        lines.append(f"- EasyEdit imported from: `{record['easyedit_source']}`")
+    for r in record["rows"]:
+        if r.get("easyedit_api"):
+            lines.append(f"- {r['method']} n={r['n']}: EasyEdit API {r['easyedit_api']}, update by "
+                         f"`{r.get('implementation')}`")
     for r in record["rows"]:  # what the edit time leaves out
         if r.get("z_reused"):
             lines.append(f"- {r['method']} n={r['n']}: {r['z_reused']} of its target vectors z were read from the z "

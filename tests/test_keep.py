@@ -83,8 +83,12 @@ def test_kept_result_says_what_its_edit_time_leaves_out(tmp_path):
 
     rows = [{"method": "AlphaEdit", "n": 3, "data": "d.json", "edit_s": 2.0, "z_reused": 2},
             {"method": "MeG", "n": 3, "data": "d.json", "edit_s": 9.0, "resumed": True},
-            {"method": "MEMIT", "n": 3, "data": "d.json", "edit_s": 5.0, "z_reused": 0, "resumed": False}]
-    md = (keep(tmp_path / "k", "k", rows, 0, {}, {}, {}) / "results.md").read_text()
+            {"method": "MEMIT", "n": 3, "data": "d.json", "edit_s": 5.0, "z_reused": 0, "resumed": False,
+             "easyedit_api": "github", "implementation": "easyeditor.models.memit.memit_main"}]
+    md = (keep(tmp_path / "k", "k", rows, 0, {}, {}, {}, extra={"easyedit_source": "../easyedit"}) /
+          "results.md").read_text()
+    assert "EasyEdit imported from: `../easyedit`" in md  # the GitHub source's version is not in the package list
+    assert "MEMIT n=3: EasyEdit API github, update by `easyeditor.models.memit.memit_main`" in md
     assert "AlphaEdit n=3: 2 of its target vectors z were read from the z cache" in md
     assert "MeG n=3: its stages were read from checkpoints of an earlier run" in md
-    assert "MEMIT n=3:" not in md
+    assert "MEMIT n=3: its stages" not in md and "MEMIT n=3: 0 of" not in md
