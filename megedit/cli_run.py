@@ -73,7 +73,8 @@ def keep_run_result(folder, cfg, records: list[dict], command: str | None = None
                      "peak_gb": r["peak_rss_gb"] if r.get("peak_cuda_gb") is None else r["peak_cuda_gb"],
                      "easyedit": r["easyedit"], "z_reused": r.get("z_reused", 0),
                      "resumed": bool((r.get("meg_report") or {}).get("resumed")),
-                     "easyedit_api": r.get("easyedit_api"), "implementation": (r.get("implementation") or {}).get("code")})
+                     "easyedit_api": r.get("easyedit_api"),
+                     "implementation": (r.get("implementation") or {}).get("code")})
         config[key] = {"hparams_file": r["hparams_file"], "hparams": r["hparams"]}
         per_kind[key] = {k: v for k, v in r["summary"].items() if k not in REPORTABLE}
         meg = r.get("meg_report") or {}

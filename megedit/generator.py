@@ -122,8 +122,8 @@ class NeuronGenerator(nn.Module):
             total = torch.zeros((), device=device)
             for idx in torch.randperm(M, generator=g, device=device).split(hp.gen_batch_size):
                 x0, cond = normalised[edit_index[idx]], conds[idx]
-                summed = backward_on_shard(lambda rows: self._loss(x0, cond, scheduler, g, hp.gen_cond_dropout, rows),
-                                           len(idx), opt, self.net.parameters())
+                loss_of = lambda rows: self._loss(x0, cond, scheduler, g, hp.gen_cond_dropout, rows=rows)  # noqa: E731
+                summed = backward_on_shard(loss_of, len(idx), opt, self.net.parameters())
                 if summed is not None:
                     total += summed
                 opt.step()

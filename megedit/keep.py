@@ -155,8 +155,8 @@ def markdown(record: dict) -> str:
             lines.append(f"- {r['method']} n={r['n']}: {r['z_reused']} of its target vectors z were read from the z "
                          "cache, so its edit time excludes computing them")
         if r.get("resumed"):
-            lines.append(f"- {r['method']} n={r['n']}: its stages were read from checkpoints of an earlier run with the "
-                         "same key; its stage seconds and edit time are that run's")
+            lines.append(f"- {r['method']} n={r['n']}: its stages were read from checkpoints of an earlier run with "
+                         "the same key; its stage seconds and edit time are that run's")
     for method, seconds in record["seconds"].items():
         lines.append(f"- seconds, {method}: " + ", ".join(f"{k} {v:.1f}" for k, v in seconds.items()))
     for method, rates in record["per_kind"].items():
