@@ -128,6 +128,14 @@ class MeGHyperParams:
     dit_token_conditioning: bool = True  # also add the projected query embedding to every patch token
     gen_epochs: int = 200
     gen_min_steps: int = 0  # at least this many optimiser steps, whatever the number of edits
+    # what one of gen_epochs is: "views" (every training query embedding once: ~18 per edit with the SmolLM2 views) or
+    # "edits" (each edit once, through one of its query embeddings drawn at random: ~18x fewer steps an epoch)
+    gen_epoch_unit: str = "views"
+    # stop once this many held-out records in a row (one every checkpoint_gen_epochs epochs: the relative error of
+    # the weights generated for the calibration edits' unseen views) miss the best before them by gen_stop_min_delta;
+    # 0: train all epochs. The LR schedule is still planned over all epochs.
+    gen_stop_patience: int = 0
+    gen_stop_min_delta: float = 0.0
     gen_batch_size: int = 256
     gen_lr: float = 3e-4
     gen_weight_decay: float = 0.0
@@ -193,7 +201,7 @@ class MeGHyperParams:
         if self.alg_name != "MeG":
             raise HParamsError(f"alg_name must be 'MeG' for MeGHyperParams, got {self.alg_name!r}")
         choices = {"generator": ("dit", "mlp"), "sample_scheduler": ("ddim", "ddpm"),
-                   "gen_timestep_sampling": ("uniform", "logit_normal"),
+                   "gen_timestep_sampling": ("uniform", "logit_normal"), "gen_epoch_unit": ("views", "edits"),
                    "gen_prediction_type": ("v_prediction", "epsilon", "sample"),
                    "pseudo_edit_format": ("auto", "counterfact", "counterfact-rome", "zsre"),
                    "training_precision": PRECISIONS, "relation_calibration": ("edits", "pool", "both")}
@@ -208,7 +216,8 @@ class MeGHyperParams:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise HParamsError(f"hparams field {name!r} must be positive, got {getattr(self, name)!r}")
-        for name in ("fit_views", "gen_min_steps", "pseudo_edit_offset"):  # 0 is meaningful: every view / no floor
+        # 0 is meaningful: every view / no floor / no stopping rule
+        for name in ("fit_views", "gen_min_steps", "pseudo_edit_offset", "gen_stop_patience", "gen_stop_min_delta"):
             if getattr(self, name) < 0:
                 raise HParamsError(f"hparams field {name!r} must be >= 0, got {getattr(self, name)!r}")
         if self.familiarity_classes < 2:
