@@ -108,6 +108,13 @@ class MeGHyperParams:
     familiarity_outlier_weight: float = 1.0  # weight of the max-entropy loss on near misses
     familiarity_epsilon: float | None = None  # entropy threshold; None = chosen on held-out pseudo-edits
     familiarity_holdout: int = 300  # pseudo-edits held out to choose epsilon
+    # after every epoch, choose the thresholds on the held-out calibration queries and record them (report
+    # "familiarity.curve"); it changes no weight. Needed by the stopping rule below.
+    familiarity_curve: bool = False
+    # stop once this many epochs in a row fail to raise the best held-out balanced accuracy by familiarity_min_delta
+    # (needs familiarity_curve); 0: train all familiarity_epochs. The LR schedule is still planned over all of them.
+    familiarity_patience: int = 0
+    familiarity_min_delta: float = 0.0
 
     # stage 3: one neuron per edit
     fit_lr: float = 0.1
@@ -217,9 +224,12 @@ class MeGHyperParams:
             if getattr(self, name) <= 0:
                 raise HParamsError(f"hparams field {name!r} must be positive, got {getattr(self, name)!r}")
         # 0 is meaningful: every view / no floor / no stopping rule
-        for name in ("fit_views", "gen_min_steps", "pseudo_edit_offset", "gen_stop_patience", "gen_stop_min_delta"):
+        for name in ("fit_views", "gen_min_steps", "pseudo_edit_offset", "gen_stop_patience", "gen_stop_min_delta",
+                     "familiarity_patience", "familiarity_min_delta"):
             if getattr(self, name) < 0:
                 raise HParamsError(f"hparams field {name!r} must be >= 0, got {getattr(self, name)!r}")
+        if self.familiarity_patience and not self.familiarity_curve:
+            raise HParamsError("familiarity_patience needs familiarity_curve: true (the held-out record it stops on)")
         if self.familiarity_classes < 2:
             raise HParamsError("familiarity_classes must be at least 2 (entropy of a 1-way prediction is always 0)")
         if self.layer < 0:

@@ -144,11 +144,14 @@ def _stage2_gate(emb: dict, texts: TrainingTexts, n_edits: int, hp: MeGHyperPara
         set_rng_state({k[len("rng."):]: v for k, v in saved.items() if k.startswith("rng.")})
         return familiarity.requires_grad_(False), ckpt.load_json("stage2.json")
     familiarity.keys.copy_(emb["pos"][bare].half())
+    calib_unfamiliar = {k: emb[f"calib_{k}"] for k in texts.calib_unfamiliar}
+    calibrated = calib_unfamiliar and any(len(v) for v in calib_unfamiliar.values())
     with training_autocast(autocast, device):  # the thresholds below: in query time's precision
         report = {"familiarity": train_familiarity(familiarity, emb["pos"], edit_class[texts.positive_edit],
-                                                   emb["neg"], hp, progress, checkpoint=ckpt)}
-    calib_unfamiliar = {k: emb[f"calib_{k}"] for k in texts.calib_unfamiliar}
-    if calib_unfamiliar and any(len(v) for v in calib_unfamiliar.values()):
+                                                   emb["neg"], hp, progress, checkpoint=ckpt,
+                                                   calibration=(emb["calib"], calib_unfamiliar) if calibrated
+                                                   and hp.familiarity_curve else None)}
+    if calibrated:
         report["gate"] = choose_thresholds(familiarity, emb["calib"], calib_unfamiliar, hp.familiarity_epsilon)
     else:  # no pool, no calibration: the configured epsilon alone
         familiarity.epsilon.fill_(hp.familiarity_epsilon)
