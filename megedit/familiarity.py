@@ -74,11 +74,16 @@ class FamiliarityNet(nn.Module):
 
 
 def train_familiarity(net: FamiliarityNet, pos: torch.Tensor, labels: torch.Tensor, neg: torch.Tensor, hp,
-                      progress: bool = True, checkpoint=None) -> dict:
+                      progress: bool = True, checkpoint=None,
+                      calibration: tuple[torch.Tensor, dict[str, torch.Tensor]] | None = None) -> dict:
     """Cross-entropy to each positive's class + ``familiarity_outlier_weight`` × cross-entropy of negatives to uniform.
 
     ``checkpoint`` (a ``megedit.checkpoint.RunCheckpoint``): the training state is saved after every epoch (at 10,000
     edits one takes minutes on a CPU) and training resumes from it.
+    ``calibration`` (familiar embeddings, {near-miss kind: embeddings}), held out: after every epoch the thresholds are
+    chosen on them (``choose_thresholds``; the caller chooses the final ones) and the result recorded in "curve"; with
+    ``hp.familiarity_patience`` > 0, training stops once that many epochs in a row fail to raise the best balanced
+    accuracy by ``hp.familiarity_min_delta`` (the LR schedule is still planned over ``familiarity_epochs``).
     """
     g = torch.Generator().manual_seed(hp.seed)
     opt = torch.optim.AdamW(net.parameters(), lr=hp.familiarity_lr)
@@ -88,6 +93,7 @@ def train_familiarity(net: FamiliarityNet, pos: torch.Tensor, labels: torch.Tens
     state = TrainingState(checkpoint, "familiarity.pt", net=net, optimizer=opt, lr_schedule=sched, rng=g)
     saved = state.resume()
     first_epoch, loss_value, start = saved.get("epoch", 0), saved.get("loss", math.nan), time.time()
+    curve, epochs_run = list(saved.get("curve", [])), first_epoch
     net.train()
     bar = tqdm(range(first_epoch, hp.familiarity_epochs), initial=first_epoch, total=hp.familiarity_epochs,
                desc="stage 2: familiarity", disable=not progress)
@@ -108,11 +114,31 @@ def train_familiarity(net: FamiliarityNet, pos: torch.Tensor, labels: torch.Tens
             loss_value = loss.item()
             if not math.isfinite(loss_value):  # checked before the checkpoint: a diverged state is never saved
                 raise RuntimeError(f"familiarity training diverged (loss {loss_value})")
-            state.save(epoch=epoch + 1, loss=loss_value)
+            epochs_run = epoch + 1
+            if calibration is not None:
+                chosen = choose_thresholds(net, *calibration, hp.familiarity_epsilon)
+                curve.append({"epoch": epoch + 1, "loss": loss_value,
+                              **{k: chosen[k] for k in ("balanced_accuracy", "familiar_pass", "near_miss_blocked")}})
+            state.save(epoch=epoch + 1, loss=loss_value, curve=curve)
             bar.set_postfix(loss=f"{loss_value:.3f}")
+            if _no_progress([c["balanced_accuracy"] for c in curve], hp.familiarity_patience,
+                            hp.familiarity_min_delta):
+                break
     finally:
         net.eval()
-    return {"loss": loss_value, "seconds": time.time() - start, "positives": len(pos), "negatives": len(neg)}
+    report = {"loss": loss_value, "seconds": time.time() - start, "positives": len(pos), "negatives": len(neg),
+              "epochs": epochs_run}
+    if curve:
+        report["curve"] = curve
+    return report
+
+
+def _no_progress(scores: list[float], patience: int, min_delta: float) -> bool:
+    """Whether the last ``patience`` scores all failed to beat the best before them by ``min_delta`` (never with
+    patience 0)."""
+    if patience <= 0 or len(scores) <= patience:
+        return False
+    return max(scores[-patience:]) < max(scores[:-patience]) + min_delta
 
 
 def _midpoints(values: torch.Tensor) -> torch.Tensor:

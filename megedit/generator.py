@@ -89,21 +89,38 @@ class NeuronGenerator(nn.Module):
         self.register_buffer("start_noise", torch.randn(vector_size, generator=torch.Generator().manual_seed(hp.seed)))
 
     def train_on(self, conds: torch.Tensor, edit_index: torch.Tensor, targets: torch.Tensor, hp,
-                 progress: bool = True, checkpoint=None) -> dict:
+                 progress: bool = True, checkpoint=None,
+                 held_out: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict:
         """Train so that ``conds[m]`` (M, c) generates ``targets[edit_index[m]]`` (E, P).
 
         ``checkpoint`` (a ``megedit.checkpoint.RunCheckpoint``): the training state (network, optimiser, LR schedule,
         RNG) is saved every ``hp.checkpoint_gen_epochs`` epochs and at the end, and training resumes from it.
         Data-parallel: every rank passes the same arguments; each computes the loss on its slice of every batch
         (``megedit.training.backward_on_shard``).
-        Returns {"loss": final epoch's mean loss, "seconds", "steps": optimiser steps}.
+        ``held_out`` (conds (H, c), edit_index (H,) into ``targets``): queries it never trains on, e.g. unseen views
+        of some edits. Every ``hp.checkpoint_gen_epochs`` epochs and at the end, the relative L2 error of the weights
+        sampled for them (1: no better than the mean target) is recorded in "curve" (training is unchanged); with
+        ``hp.gen_stop_patience`` > 0, training stops once that many records in a row fail to improve on the best by
+        ``hp.gen_stop_min_delta``.
+        ``hp.gen_epoch_unit``: "views" (an epoch is one pass over every row of ``conds``) or "edits" (one row per
+        edit, drawn at random among its rows, so every edit is seen once an epoch whatever its number of views).
+        Returns {"loss": final epoch's mean loss, "seconds", "steps": optimiser steps, "epochs", "curve"}.
         """
         conds, edit_index, normalised = self._normalise_targets(conds, edit_index, targets, hp)
         device = self.target_mean.device
         g = torch.Generator(device).manual_seed(hp.seed)  # batches, noise, timesteps and condition dropout
         scheduler = DDPMScheduler(**self.schedule)
         opt = torch.optim.AdamW(self.net.parameters(), lr=hp.gen_lr, weight_decay=hp.gen_weight_decay)
-        batches = math.ceil(len(conds) / hp.gen_batch_size)
+        M = len(conds)
+        if hp.gen_epoch_unit == "edits":
+            by_edit = torch.argsort(edit_index, stable=True)  # rows grouped by edit
+            counts = torch.bincount(edit_index, minlength=len(normalised))  # (E,)
+            first = torch.cumsum(counts, 0) - counts  # each edit's first position in by_edit
+            trained_edits = (counts > 0).nonzero().squeeze(1)
+            per_epoch = len(trained_edits)
+        else:
+            per_epoch = M
+        batches = math.ceil(per_epoch / hp.gen_batch_size)
         # a small edit set gives few batches per epoch: run enough epochs to reach gen_min_steps optimiser steps
         epochs = max(hp.gen_epochs, math.ceil(hp.gen_min_steps / batches))
         total_steps = epochs * batches
@@ -112,15 +129,22 @@ class NeuronGenerator(nn.Module):
         state = TrainingState(checkpoint, "generator.pt", net=self.net, optimizer=opt, lr_schedule=lr_schedule,
                               rng=g)
         saved = state.resume()
-        M, start = len(conds), time.perf_counter()
+        start = time.perf_counter()
         first_epoch, steps, epoch_loss = saved.get("epoch", 0), saved.get("steps", 0), saved.get("loss", math.nan)
+        curve, epoch = list(saved.get("curve", [])), first_epoch - 1
         start_in_sync(self.net)
         self.net.train()
         bar = tqdm(range(first_epoch, epochs), initial=first_epoch, total=epochs, desc="stage 4: train generator",
                    disable=not progress)
         for epoch in bar:
             total = torch.zeros((), device=device)
-            for idx in torch.randperm(M, generator=g, device=device).split(hp.gen_batch_size):
+            if hp.gen_epoch_unit == "edits":  # one random row of each edit, in random order
+                pick = first[trained_edits] + (torch.rand(per_epoch, generator=g, device=device)
+                                               * counts[trained_edits]).long().clamp_max(counts[trained_edits] - 1)
+                rows = by_edit[pick][torch.randperm(per_epoch, generator=g, device=device)]
+            else:
+                rows = torch.randperm(M, generator=g, device=device)
+            for idx in rows.split(hp.gen_batch_size):
                 x0, cond = normalised[edit_index[idx]], conds[idx]
                 loss_of = lambda rows: self._loss(x0, cond, scheduler, g, hp.gen_cond_dropout, rows=rows)  # noqa: E731
                 summed = backward_on_shard(loss_of, len(idx), opt, self.net.parameters())
@@ -129,15 +153,47 @@ class NeuronGenerator(nn.Module):
                 opt.step()
                 lr_schedule.step()
                 steps += 1
-            epoch_loss = (distributed.all_reduce_sum(total) / M).item()
+            epoch_loss = (distributed.all_reduce_sum(total) / per_epoch).item()
             if not math.isfinite(epoch_loss):  # checked before any checkpoint: a diverged state is never saved
                 raise RuntimeError(f"generator training diverged: loss {epoch_loss} in epoch "
                                    f"{epoch + 1}/{epochs} (lr {hp.gen_lr}); lower gen_lr or gen_target_scale")
+            stop = False
             if (epoch + 1) % hp.checkpoint_gen_epochs == 0 or epoch + 1 == epochs:
-                state.save(epoch=epoch + 1, steps=steps, loss=epoch_loss)
+                point = {"epoch": epoch + 1, "steps": steps, "loss": epoch_loss}
+                if held_out is not None and len(held_out[0]):
+                    point["held_out_error"] = self._held_out_error(*held_out, normalised)
+                curve.append(point)
+                stop = self._no_progress(curve, hp)
+                state.save(epoch=epoch + 1, steps=steps, loss=epoch_loss, curve=curve)
             bar.set_postfix(loss=f"{epoch_loss:.4f}")
+            if stop:
+                break
         self.net.eval()
-        return {"loss": epoch_loss, "seconds": time.perf_counter() - start, "steps": steps}
+        return {"loss": epoch_loss, "seconds": time.perf_counter() - start, "steps": steps,
+                "epochs": curve[-1]["epoch"] if curve else epoch + 1, "curve": curve}
+
+    @staticmethod
+    def _no_progress(curve: list[dict], hp) -> bool:
+        """Whether the last ``gen_stop_patience`` records of the held-out error all missed the best before them by
+        ``gen_stop_min_delta`` (never with patience 0, or without a held-out error)."""
+        errors = [p["held_out_error"] for p in curve if "held_out_error" in p]
+        k = hp.gen_stop_patience
+        if k <= 0 or len(errors) <= k:
+            return False
+        return min(errors[-k:]) > min(errors[:-k]) - hp.gen_stop_min_delta
+
+    @torch.no_grad()
+    def _held_out_error(self, conds: torch.Tensor, rows: torch.Tensor, normalised: torch.Tensor) -> float:
+        """Mean relative L2 error of the weights sampled for ``conds`` against ``normalised[rows]``, in normalised
+        space (the mean target is 0 there, so predicting it scores 1). Draws nothing from any RNG."""
+        self.net.eval()
+        try:
+            conds = conds.to(normalised)
+            y = self.net(conds) if self.kind == "mlp" else self._denoise(conds, self.sample_steps)  # (H, P)
+        finally:
+            self.net.train()
+        x0 = normalised[rows.to(normalised.device)]  # (H, P)
+        return float(((y.float() - x0).norm(dim=1) / x0.norm(dim=1).clamp_min(1e-8)).mean())
 
     def _normalise_targets(self, conds: torch.Tensor, edit_index: torch.Tensor, targets: torch.Tensor, hp):
         """Check the training data, set the per-coordinate normalisation from ``targets`` and return

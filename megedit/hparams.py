@@ -108,6 +108,13 @@ class MeGHyperParams:
     familiarity_outlier_weight: float = 1.0  # weight of the max-entropy loss on near misses
     familiarity_epsilon: float | None = None  # entropy threshold; None = chosen on held-out pseudo-edits
     familiarity_holdout: int = 300  # pseudo-edits held out to choose epsilon
+    # after every epoch, choose the thresholds on the held-out calibration queries and record them (report
+    # "familiarity.curve"); it changes no weight. Needed by the stopping rule below.
+    familiarity_curve: bool = False
+    # stop once this many epochs in a row fail to raise the best held-out balanced accuracy by familiarity_min_delta
+    # (needs familiarity_curve); 0: train all familiarity_epochs. The LR schedule is still planned over all of them.
+    familiarity_patience: int = 0
+    familiarity_min_delta: float = 0.0
 
     # stage 3: one neuron per edit
     fit_lr: float = 0.1
@@ -128,6 +135,14 @@ class MeGHyperParams:
     dit_token_conditioning: bool = True  # also add the projected query embedding to every patch token
     gen_epochs: int = 200
     gen_min_steps: int = 0  # at least this many optimiser steps, whatever the number of edits
+    # what one of gen_epochs is: "views" (every training query embedding once: ~18 per edit with the SmolLM2 views) or
+    # "edits" (each edit once, through one of its query embeddings drawn at random: ~18x fewer steps an epoch)
+    gen_epoch_unit: str = "views"
+    # stop once this many held-out records in a row (one every checkpoint_gen_epochs epochs: the relative error of
+    # the weights generated for the calibration edits' unseen views) miss the best before them by gen_stop_min_delta;
+    # 0: train all epochs. The LR schedule is still planned over all epochs.
+    gen_stop_patience: int = 0
+    gen_stop_min_delta: float = 0.0
     gen_batch_size: int = 256
     gen_lr: float = 3e-4
     gen_weight_decay: float = 0.0
@@ -193,7 +208,7 @@ class MeGHyperParams:
         if self.alg_name != "MeG":
             raise HParamsError(f"alg_name must be 'MeG' for MeGHyperParams, got {self.alg_name!r}")
         choices = {"generator": ("dit", "mlp"), "sample_scheduler": ("ddim", "ddpm"),
-                   "gen_timestep_sampling": ("uniform", "logit_normal"),
+                   "gen_timestep_sampling": ("uniform", "logit_normal"), "gen_epoch_unit": ("views", "edits"),
                    "gen_prediction_type": ("v_prediction", "epsilon", "sample"),
                    "pseudo_edit_format": ("auto", "counterfact", "counterfact-rome", "zsre"),
                    "training_precision": PRECISIONS, "relation_calibration": ("edits", "pool", "both")}
@@ -208,9 +223,13 @@ class MeGHyperParams:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise HParamsError(f"hparams field {name!r} must be positive, got {getattr(self, name)!r}")
-        for name in ("fit_views", "gen_min_steps", "pseudo_edit_offset"):  # 0 is meaningful: every view / no floor
+        # 0 is meaningful: every view / no floor / no stopping rule
+        for name in ("fit_views", "gen_min_steps", "pseudo_edit_offset", "gen_stop_patience", "gen_stop_min_delta",
+                     "familiarity_patience", "familiarity_min_delta"):
             if getattr(self, name) < 0:
                 raise HParamsError(f"hparams field {name!r} must be >= 0, got {getattr(self, name)!r}")
+        if self.familiarity_patience and not self.familiarity_curve:
+            raise HParamsError("familiarity_patience needs familiarity_curve: true (the held-out record it stops on)")
         if self.familiarity_classes < 2:
             raise HParamsError("familiarity_classes must be at least 2 (entropy of a 1-way prediction is always 0)")
         if self.layer < 0:

@@ -51,6 +51,7 @@ class TrainingTexts:
     negatives: list[str]  # near misses, bare and answered
     calib_familiar: list[str]  # held-out views of the edits
     calib_unfamiliar: dict[str, list[str]] = field(default_factory=dict)  # held-out near misses per kind
+    calib_familiar_edit: list[int] = field(default_factory=list)  # the edit of each calib_familiar text
 
 
 def load_pool(requests: list[dict], hp: MeGHyperParams) -> PseudoEditPool | None:
@@ -69,6 +70,7 @@ def build_texts(requests: list[dict], pool: PseudoEditPool | None, hp: MeGHyperP
     held_out = held_out if held_out is not None else HeldOutTexts(requests)
     views, positives, positive_edit, negatives = [], [], [], []
     calib_familiar: list[str] = []
+    calib_familiar_edit: list[int] = []
     calib_unfamiliar: dict[str, list[str]] = {k: [] for k in NEAR_MISS_KINDS}
     rng = random.Random(hp.seed)
     calib_edits = set(rng.sample(range(len(requests)), min(hp.familiarity_holdout, len(requests))))
@@ -89,12 +91,14 @@ def build_texts(requests: list[dict], pool: PseudoEditPool | None, hp: MeGHyperP
             held = [t for t in pool.views(r, hp.n_paraphrase_views, hp.n_prefix_views, salt="calibration") if t not in seen]
             held = [t for t, _ in held_out.keep_pairs([(t, r["target_new"]) for t in held], "calibration.familiar")]
             calib_familiar += held[:2] + [f"{t} {r['target_new']}" for t in held[:1]]
+            calib_familiar_edit += [e] * (len(held[:2]) + len(held[:1]))
             trained = set(negatives)
             for kind, pairs in pool.near_misses(r, 1, salt="calibration").items():
                 pairs = held_out.keep_pairs(pairs, f"calibration.{kind}")
                 calib_unfamiliar[kind] += [t for t, a in pairs if t not in trained]
                 calib_unfamiliar[kind] += [f"{t} {a}".strip() for t, a in pairs if f"{t} {a}".strip() not in trained]
-    return TrainingTexts(views, positives, positive_edit, negatives, calib_familiar, calib_unfamiliar)
+    return TrainingTexts(views, positives, positive_edit, negatives, calib_familiar, calib_unfamiliar,
+                         calib_familiar_edit)
 
 
 def _embed_all(encoder, groups: dict[str, list[str]], batch_size: int, progress: bool) -> dict[str, torch.Tensor]:
@@ -140,11 +144,14 @@ def _stage2_gate(emb: dict, texts: TrainingTexts, n_edits: int, hp: MeGHyperPara
         set_rng_state({k[len("rng."):]: v for k, v in saved.items() if k.startswith("rng.")})
         return familiarity.requires_grad_(False), ckpt.load_json("stage2.json")
     familiarity.keys.copy_(emb["pos"][bare].half())
+    calib_unfamiliar = {k: emb[f"calib_{k}"] for k in texts.calib_unfamiliar}
+    calibrated = calib_unfamiliar and any(len(v) for v in calib_unfamiliar.values())
     with training_autocast(autocast, device):  # the thresholds below: in query time's precision
         report = {"familiarity": train_familiarity(familiarity, emb["pos"], edit_class[texts.positive_edit],
-                                                   emb["neg"], hp, progress, checkpoint=ckpt)}
-    calib_unfamiliar = {k: emb[f"calib_{k}"] for k in texts.calib_unfamiliar}
-    if calib_unfamiliar and any(len(v) for v in calib_unfamiliar.values()):
+                                                   emb["neg"], hp, progress, checkpoint=ckpt,
+                                                   calibration=(emb["calib"], calib_unfamiliar) if calibrated
+                                                   and hp.familiarity_curve else None)}
+    if calibrated:
         report["gate"] = choose_thresholds(familiarity, emb["calib"], calib_unfamiliar, hp.familiarity_epsilon)
     else:  # no pool, no calibration: the configured epsilon alone
         familiarity.epsilon.fill_(hp.familiarity_epsilon)
@@ -243,9 +250,14 @@ def train_meg(model, tok, requests: list[dict], hp: MeGHyperParams, progress: bo
     ok = fit.ok.clone()
     keep = torch.tensor([bool(ok[e]) for e in texts.positive_edit])
     remap = torch.cumsum(ok.long(), 0) - 1  # edit index -> row of the ok-only target table
+    # the calibration edits' unseen views: a held-out record of how well the generator reaches paraphrases
+    calib_edit = torch.tensor(texts.calib_familiar_edit, dtype=torch.long)
+    calib_ok = ok[calib_edit] if len(calib_edit) == len(emb["calib"]) else \
+        torch.zeros(len(emb["calib"]), dtype=torch.bool)  # embeddings from an older checkpoint: no record
+    held_out = (emb["calib"][calib_ok], remap[calib_edit[calib_ok]]) if calib_ok.any() else None
     with training_autocast(autocast, device):
         report["generator"] = generator.train_on(emb["pos"][keep], remap[torch.tensor(texts.positive_edit)[keep]],
-                                                 fit.weights[ok], hp, progress, checkpoint=ckpt)
+                                                 fit.weights[ok], hp, progress, checkpoint=ckpt, held_out=held_out)
     generator.requires_grad_(False)
     report["seconds"]["stage4_generator"] = ckpt.seconds()
     edits = [{k: r.get(k) for k in ("case_id", "prompt", "subject", "target_new")} for r in requests]

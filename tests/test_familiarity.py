@@ -165,3 +165,30 @@ def test_training_interrupted_after_an_epoch_resumes_to_the_same_gate(tmp_path):
     assert stats["loss"] == ref_stats["loss"]
     for (name, a), b in zip(reference.state_dict().items(), resumed.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True, msg=name)  # epsilon is NaN until chosen
+
+
+def _train(hp, calibration=None):
+    centres, views, near, far = synthetic()
+    torch.manual_seed(hp.seed)
+    net = FamiliarityNet(DIM, hp.familiarity_hidden, hp.familiarity_blocks, CLASSES, n_keys=len(views["train"]))
+    net.keys.copy_(views["train"].half())
+    labels = torch.randint(CLASSES, (EDITS,), generator=torch.Generator().manual_seed(hp.seed)).repeat_interleave(8)
+    stats = train_familiarity(net, views["train"], labels, near["train"], hp, progress=False, calibration=calibration)
+    return net, stats
+
+
+def test_held_out_curve_changes_no_weight_and_patience_stops_early():
+    _, views, near, far = synthetic()
+    calibration = (views["calib"], {"near": near["calib"], "far": far["calib"]})
+    plain, plain_stats = _train(hparams(familiarity_epochs=6))
+    watched, stats = _train(hparams(familiarity_epochs=6, familiarity_curve=True), calibration)
+    assert all(torch.equal(v, watched.state_dict()[k]) for k, v in plain.state_dict().items() if k not in
+               ("epsilon", "tau"))  # the per-epoch choice sets the thresholds; the caller chooses them again
+    assert "curve" not in plain_stats and [c["epoch"] for c in stats["curve"]] == list(range(1, 7))
+    assert all(0 <= c["balanced_accuracy"] <= 1 for c in stats["curve"])
+    # an improvement of 2 is never reached: stop after the first epoch plus `patience` epochs without progress
+    hp = hparams(familiarity_epochs=30, familiarity_curve=True, familiarity_patience=2, familiarity_min_delta=2.0)
+    _, stopped = _train(hp, calibration)
+    assert stopped["epochs"] == 3 and len(stopped["curve"]) == 3
+    with pytest.raises(ValueError, match="familiarity_curve"):
+        hparams(familiarity_patience=2)

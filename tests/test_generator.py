@@ -162,3 +162,44 @@ def test_min_steps_lengthens_training_for_small_edit_sets():
     assert stats["steps"] == 7
     hp = hparams(generator="mlp", gen_epochs=3, gen_min_steps=0)
     assert NeuronGenerator(P, C, hp).train_on(conds, torch.arange(E), targets, hp, progress=False)["steps"] == 3
+
+
+def test_epochs_over_edits_see_each_edit_once_per_epoch():
+    conds, targets = task()
+    views = torch.cat([conds, conds + 0.01 * torch.randn(E, C), conds - 0.01 * torch.randn(E, C)])  # 3 rows an edit
+    index = torch.arange(E).repeat(3)
+    over_views = hparams(gen_epochs=2, gen_batch_size=8)
+    assert NeuronGenerator(P, C, over_views).train_on(views, index, targets, over_views, progress=False)["steps"] == 12
+    over_edits = over_views.replace(gen_epoch_unit="edits")
+    gen = NeuronGenerator(P, C, over_edits)
+    seen = []
+    original = gen._loss
+    gen._loss = lambda x0, cond, *a, **k: seen.append(cond.clone()) or original(x0, cond, *a, **k)
+    assert gen.train_on(views, index, targets, over_edits, progress=False)["steps"] == 4  # 16 edits at batch 8, twice
+    for epoch in (seen[:2], seen[2:]):  # each epoch: one row of every edit
+        rows = torch.cat(epoch)
+        match = (rows[:, None, :] == views[None]).all(-1).float().argmax(1)  # (16,) row of views each came from
+        assert sorted(index[match].tolist()) == list(range(E))
+
+
+def test_held_out_curve_is_recorded_without_changing_training():
+    conds, targets = task()
+    hp = hparams(gen_epochs=6, checkpoint_gen_epochs=2)
+    held = (conds[:4] + 0.01, torch.arange(4))
+    plain, watched = NeuronGenerator(P, C, hp), NeuronGenerator(P, C, hp)
+    plain.train_on(conds, torch.arange(E), targets, hp, progress=False)
+    stats = watched.train_on(conds, torch.arange(E), targets, hp, progress=False, held_out=held)
+    assert all(torch.equal(v, watched.state_dict()[k]) for k, v in plain.state_dict().items())
+    assert [p["epoch"] for p in stats["curve"]] == [2, 4, 6]
+    assert all(0 < p["held_out_error"] < 2 for p in stats["curve"])
+
+
+def test_stop_patience_ends_training_when_held_out_error_stalls():
+    conds, targets = task()
+    held = (conds[:4], torch.arange(4))
+    hp = hparams(gen_epochs=20, checkpoint_gen_epochs=1, gen_stop_patience=2, gen_stop_min_delta=10.0)  # never enough
+    stats = NeuronGenerator(P, C, hp).train_on(conds, torch.arange(E), targets, hp, progress=False, held_out=held)
+    assert stats["epochs"] == 3 and stats["steps"] == 3 and len(stats["curve"]) == 3
+    hp = hp.replace(gen_stop_patience=0)  # off: all epochs
+    stats = NeuronGenerator(P, C, hp).train_on(conds, torch.arange(E), targets, hp, progress=False, held_out=held)
+    assert stats["epochs"] == 20
