@@ -122,6 +122,9 @@ class MeGHyperParams:
     fit_stop_loss: float = 0.01  # an edit stops once its mean cross-entropy over its views is below this
     fit_batch_edits: int = 32
     fit_init_scale: float = 1.0
+    # where each fit starts: "random" (one shared random neuron, the paper's) or "gradient" (the unedited model's
+    # steepest rank-one direction for that edit at a chosen norm; gated neurons only, others start at random)
+    fit_init: str = "random"
     fit_silence_weight: float = 0.0  # keeps the neuron quiet on the prompt body (it is fitted at the answer positions)
     fit_views: int = 0  # fit each neuron on its prompt and its first fit_views - 1 views (0: all); its cost is linear in it
 
@@ -209,6 +212,7 @@ class MeGHyperParams:
             raise HParamsError(f"alg_name must be 'MeG' for MeGHyperParams, got {self.alg_name!r}")
         choices = {"generator": ("dit", "mlp"), "sample_scheduler": ("ddim", "ddpm"),
                    "gen_timestep_sampling": ("uniform", "logit_normal"), "gen_epoch_unit": ("views", "edits"),
+                   "fit_init": ("random", "gradient"),
                    "gen_prediction_type": ("v_prediction", "epsilon", "sample"),
                    "pseudo_edit_format": ("auto", "counterfact", "counterfact-rome", "zsre"),
                    "training_precision": PRECISIONS, "relation_calibration": ("edits", "pool", "both")}
