@@ -199,3 +199,62 @@ def test_fit_views_limits_the_fits_not_the_gate(tmp_path, monkeypatch):
 def test_fit_views_must_not_be_negative():
     with pytest.raises(ValueError, match="fit_views"):
         hparams(fit_views=-1)
+
+
+def test_gradient_init_fits_in_fewer_steps(gpt2_tokenizer):
+    """fit_init=gradient: the same fits (ok on every view, canonical) after far fewer Adam steps than the random start."""
+    model = model_for_fitting("llama")
+    random, warm = (fit_neurons(model, gpt2_tokenizer, VIEWS, TARGETS, hparams(fit_init=init, fit_stop_loss=0.05),
+                                progress=False) for init in ("random", "gradient"))
+    assert warm.ok.all() and (warm.view_acc == 1).all()
+    stopped = random.steps < 40  # the edits the random start fits to the stopping rule (on this tiny model: 2 of 3)
+    assert stopped.sum() >= 2 and (warm.loss[stopped] < 0.05).all()
+    assert (warm.steps[stopped] * 2 < random.steps[stopped]).all(), (warm.steps, random.steps)
+    d = hidden_size(model)
+    torch.testing.assert_close(warm.weights[:, :d].norm(dim=1), warm.weights[:, d:].norm(dim=1))
+    for e, views in enumerate(VIEWS):  # in the full model too, neuron active at every position
+        for view in views:
+            pred, gold = answer_argmax(model, gpt2_tokenizer, view, TARGETS[e], warm.weights[e])
+            assert pred == gold, (view, TARGETS[e])
+
+
+def test_gradient_init_is_the_first_order_best_direction(gpt2_tokenizer):
+    """The starting direction lowers the answer loss more than random directions of the same norm."""
+    from megedit.fitting import GRADIENT_INIT_NORMS, _answer_loss, gradient_init
+    from megedit.tail_replay import TailStack, split_tail
+    from megedit.text import tokenize_answered
+
+    model = model_for_fitting("llama")
+    model.requires_grad_(False)
+    views, target = VIEWS[0], TARGETS[0]
+    full, plen = tokenize_answered(gpt2_tokenizer, views, [target] * len(views))
+    batch = split_tail(full, plen, 0)
+    stack = TailStack(model, 1, batch)
+    fitting.inject_neuron(model, 1)
+    tok_seq, tok_pos = torch.nonzero(batch.labels != -100, as_tuple=True)
+    seq_edit = torch.zeros(len(views), dtype=torch.long)
+    mlp = decoder_layers(model)[1].mlp
+    args = (stack, seq_edit, tok_seq, tok_pos, batch.labels[tok_seq, tok_pos])
+    start = gradient_init(stack, mlp, *args[1:], 1, hidden_size(model), 0.01)
+    loss = _answer_loss(*args, start, 1)
+    d = hidden_size(model)
+    g = torch.Generator().manual_seed(0)
+    norm = start[0, :d].norm()
+    for _ in range(5):
+        other = torch.randn(1, 2 * d, generator=g)
+        other = torch.cat([other[:, :d] / other[:, :d].norm() * norm, other[:, d:] / other[:, d:].norm() * norm], 1)
+        assert loss < _answer_loss(*args, other, 1)
+    assert loss < _answer_loss(*args, torch.zeros(1, 2 * d), 1)  # and it does lower it
+    assert len(GRADIENT_INIT_NORMS) > 1
+
+
+def test_gradient_init_leaves_dense_neurons_at_the_random_start(gpt2_tokenizer):
+    model = model_for_fitting("gpt2")
+    a, b = (fit_neurons(model, gpt2_tokenizer, VIEWS[:1], TARGETS[:1], hparams(fit_init=init, fit_steps=3),
+                        progress=False) for init in ("random", "gradient"))
+    assert torch.equal(a.weights, b.weights)
+
+
+def test_fit_init_must_be_known():
+    with pytest.raises(ValueError, match="fit_init"):
+        hparams(fit_init="warm")
