@@ -19,7 +19,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .training import TrainingState
+from . import distributed
+from .training import TrainingState, backward_on_shard, start_in_sync
 
 
 class ResidualBlock(nn.Module):
@@ -94,24 +95,26 @@ def train_familiarity(net: FamiliarityNet, pos: torch.Tensor, labels: torch.Tens
     saved = state.resume()
     first_epoch, loss_value, start = saved.get("epoch", 0), saved.get("loss", math.nan), time.time()
     curve, epochs_run = list(saved.get("curve", [])), first_epoch
+    outliers = len(neg) > 0 and hp.familiarity_outlier_weight > 0
+    start_in_sync(net)
     net.train()
     bar = tqdm(range(first_epoch, hp.familiarity_epochs), initial=first_epoch, total=hp.familiarity_epochs,
                desc="stage 2: familiarity", disable=not progress)
     try:
         for epoch in bar:
             order = torch.randperm(len(pos), generator=g)
+            total = torch.zeros(())
             for s in range(0, len(pos), hp.familiarity_batch_size):
                 idx = order[s: s + hp.familiarity_batch_size]
-                loss = F.cross_entropy(net(pos[idx].to(device)), labels[idx].to(device))
-                if len(neg) and hp.familiarity_outlier_weight > 0:
-                    nidx = torch.randint(len(neg), (len(idx),), generator=g)
-                    logp = F.log_softmax(net(neg[nidx].to(device)).float(), dim=-1)  # float: autocast keeps it bf16
-                    loss = loss + hp.familiarity_outlier_weight * (-logp.mean(-1)).mean()
-                opt.zero_grad()
-                loss.backward()
+                # drawn for the whole batch on every rank, so that every rank's generator g stays in step
+                nidx = torch.randint(len(neg), (len(idx),), generator=g) if outliers else None
+                summed = backward_on_shard(lambda rows: _batch_loss(net, pos, labels, neg, idx, nidx, rows, hp, device),
+                                           len(idx), opt, net.parameters())
+                if summed is not None:
+                    total += summed.float().cpu()
                 opt.step()
                 sched.step()
-            loss_value = loss.item()
+            loss_value = (distributed.all_reduce_sum(total) / len(pos)).item()  # the epoch's mean loss
             if not math.isfinite(loss_value):  # checked before the checkpoint: a diverged state is never saved
                 raise RuntimeError(f"familiarity training diverged (loss {loss_value})")
             epochs_run = epoch + 1
@@ -131,6 +134,20 @@ def train_familiarity(net: FamiliarityNet, pos: torch.Tensor, labels: torch.Tens
     if curve:
         report["curve"] = curve
     return report
+
+
+def _batch_loss(net, pos, labels, neg, idx, nidx, rows, hp, device):
+    """Mean loss over ``rows`` of the batch (None: all; data-parallel: this rank's slice): cross-entropy of each
+    positive to its class, plus ``familiarity_outlier_weight`` × cross-entropy of a drawn negative to uniform."""
+    if rows is not None:
+        idx, nidx = idx[rows], (nidx[rows] if nidx is not None else None)
+        if not len(idx):
+            return None
+    loss = F.cross_entropy(net(pos[idx].to(device)), labels[idx].to(device))
+    if nidx is not None:
+        logp = F.log_softmax(net(neg[nidx].to(device)).float(), dim=-1)  # float: autocast keeps it bf16
+        loss = loss + hp.familiarity_outlier_weight * (-logp.mean(-1)).mean()
+    return loss
 
 
 def _no_progress(scores: list[float], patience: int, min_delta: float) -> bool:

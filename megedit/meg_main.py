@@ -104,7 +104,15 @@ def build_texts(requests: list[dict], pool: PseudoEditPool | None, hp: MeGHyperP
 def _embed_all(encoder, groups: dict[str, list[str]], batch_size: int, progress: bool) -> dict[str, torch.Tensor]:
     """Embed every distinct text once."""
     unique = list(dict.fromkeys(t for texts in groups.values() for t in texts))
-    emb = embed(encoder, unique, batch_size, progress=progress)  # 240,000 texts at 10,000 edits: minutes
+    ranks = distributed.world_size()
+    if ranks == 1:
+        emb = embed(encoder, unique, batch_size, progress=progress)  # 240,000 texts at 10,000 edits: minutes
+    else:  # data-parallel: each rank embeds every ranks-th text, and every rank receives them all
+        parts = distributed.all_gather_objects(embed(encoder, unique[distributed.rank()::ranks], batch_size,
+                                                     progress=progress))
+        emb = torch.empty(len(unique), parts[0].shape[1])
+        for r, part in enumerate(parts):
+            emb[r::ranks] = part
     index = {t: i for i, t in enumerate(unique)}
     return {k: emb[[index[t] for t in texts]] if texts else emb[:0] for k, texts in groups.items()}
 

@@ -10,6 +10,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
+import megedit.familiarity as familiarity  # noqa: E402
 import megedit.fitting as fitting  # noqa: E402
 import megedit.meg_main as meg_main  # noqa: E402
 from megedit import distributed  # noqa: E402
@@ -26,9 +27,10 @@ def dp_hparams(folder: Path, **changes):
 
 def run(folder: Path, hp) -> dict:
     """Train on the tiny base; the neurons stage 3 fitted, what the edit generates, and the work this process did:
-    the prompts of the chunks it fitted and the number of rows its generator steps computed a loss on."""
-    fits, fitted_prompts, gen_rows = [], [], []
-    real = (meg_main.fit_neurons, fitting._fit_chunk, NeuronGenerator._loss)
+    the prompts of the chunks it fitted, the number of rows its generator and gate steps computed a loss on, and the
+    training texts it embedded."""
+    fits, fitted_prompts, gen_rows, gate_rows, embedded = [], [], [], [], []
+    real = (meg_main.fit_neurons, fitting._fit_chunk, NeuronGenerator._loss, familiarity._batch_loss, meg_main.embed)
 
     def fit_neurons(*args, **kwargs):
         fits.append(real[0](*args, **kwargs))
@@ -42,18 +44,27 @@ def run(folder: Path, hp) -> dict:
         gen_rows.append(len(x0) if rows is None else rows.stop - rows.start)
         return real[2](self, x0, *args, rows=rows)
 
-    meg_main.fit_neurons, fitting._fit_chunk, NeuronGenerator._loss = fit_neurons, fit_chunk, loss
+    def gate_loss(net, pos, labels, neg, idx, nidx, rows, *args):
+        gate_rows.append(len(idx) if rows is None else rows.stop - rows.start)
+        return real[3](net, pos, labels, neg, idx, nidx, rows, *args)
+
+    def embed_texts(encoder, texts, *args, **kwargs):
+        embedded.extend(texts)
+        return real[4](encoder, texts, *args, **kwargs)
+
+    (meg_main.fit_neurons, fitting._fit_chunk, NeuronGenerator._loss, familiarity._batch_loss,
+     meg_main.embed) = fit_neurons, fit_chunk, loss, gate_loss, embed_texts
     try:
         model, tok = tiny_base()
         edit, report = meg_main.train_meg(model, tok, EDITS, hp, progress=False)
     finally:
-        meg_main.fit_neurons, fitting._fit_chunk, NeuronGenerator._loss = real
+        meg_main.fit_neurons, fitting._fit_chunk, NeuronGenerator._loss, familiarity._batch_loss, meg_main.embed = real
     queries = [r["prompt"] for r in EDITS] + UNRELATED
     emb = embed(edit.encoder, queries)
     return {"neurons": fits[0].weights, "ok": fits[0].ok, "generator": edit.generator.state_dict(),
             "samples": edit.generator.sample(emb), "familiarity": edit.familiarity.state_dict(), "embeddings": emb,
             "gen_loss": report["generator"]["loss"], "world_size": distributed.world_size(),
-            "fitted_prompts": fitted_prompts, "gen_rows": gen_rows}
+            "fitted_prompts": fitted_prompts, "gen_rows": gen_rows, "gate_rows": gate_rows, "embedded": embedded}
 
 
 def main() -> int:
