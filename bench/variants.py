@@ -39,9 +39,15 @@ def stage_folders(checkpoint_dir: str) -> set[str]:
     return {p.name for p in root.glob("*/*") if p.is_dir()} if root.exists() else set()
 
 
+def trained(before: set[str], after: set[str]) -> list[str]:
+    """The stages whose folders a variant added, in stage order."""
+    stages = {f.rsplit("-", 1)[0] for f in after - before}
+    return sorted(stages, key=lambda s: STAGES.index(s) if s in STAGES else len(STAGES))
+
+
 def table(out: Path) -> str:
-    lines = ["| variant | settings | " + " | ".join(METRICS) + " | gate: views pass | same subject blocked | fit steps/edit | gen steps | "
-             + " | ".join(s.removeprefix("stage") for s in STAGES) + " | trained here |",
+    lines = ["| variant | settings | " + " | ".join(METRICS) + " | gate: views pass | same subject blocked | "
+             "fit steps/edit | gen steps | " + " | ".join(s.removeprefix("stage") for s in STAGES) + " | trained here |",
              "|---|---|" + "---:|" * (len(METRICS) + 4 + len(STAGES)) + "---|"]
     for path in sorted(out.glob("*/results.json"), key=lambda p: p.stat().st_mtime):
         r = json.loads(path.read_text())
@@ -104,8 +110,7 @@ def main(argv=None) -> None:
         post = evaluate_requests(edited, tok, requests, reference, hp.eval_batch_size, progress=False)
         report = edited.report
         write_json(path, {**record, "post": post["summary"], "report": report,
-                          "trained_stages": sorted({f.rsplit("-", 1)[0] for f in stage_folders(args.checkpoint_dir)
-                                                    - before}, key=lambda s: STAGES.index(s) if s in STAGES else len(STAGES)),
+                          "trained_stages": trained(before, stage_folders(args.checkpoint_dir)),
                           "seconds": {**report["seconds"], "train_wall": train_s, "post_eval": time.time() - t0},
                           "per_request_post": post["per_request"]})
         (out / "variants.md").write_text(table(out))

@@ -1,13 +1,13 @@
 """``megedit edit <hparams.yaml> --data <file> --n N``: apply MeG, print metrics before/after and each stage's time.
 
-Data-parallel over N processes (neuron fitting and generator training; see ``megedit.distributed``), e.g. on CPU::
+Data-parallel over N processes (training and scoring; see ``megedit.distributed``), e.g. on CPU::
 
     ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no \
         --dynamo_backend no -m megedit.cli edit hparams/MeG/smollm2-135m.yaml --data counterfact/... --num-edits 1000
     torchrun --nproc_per_node 2 -m megedit.cli edit hparams/MeG/smollm2-135m.yaml --data counterfact/... --num-edits 1000
 
 On GPUs drop ``ACCELERATE_USE_CPU=true`` and set ``device: cuda`` (each process takes the GPU of its LOCAL_RANK).
-Rank 0 alone evaluates, prints and writes results.
+Each rank scores a share of the evaluated requests; rank 0 alone gathers, prints and writes results.
 """
 from __future__ import annotations
 
@@ -19,6 +19,20 @@ import yaml
 
 from .records import METRICS
 
+
+def gathered(result: dict, n: int) -> dict:
+    """Every rank's ``evaluate_requests`` result on its share of ``n`` requests (every ranks-th, from its rank on),
+    put back in request order and summarised; in one process the result itself."""
+    from . import distributed
+    from .evaluate import summarise
+
+    ranks = distributed.world_size()
+    if ranks == 1:
+        return result
+    per: list = [None] * n
+    for r, part in enumerate(distributed.all_gather_objects(result["per_request"])):
+        per[r::ranks] = part
+    return {"per_request": per, "summary": summarise(per)}
 
 
 def add_parser(sub) -> None:
@@ -167,21 +181,24 @@ def main(args) -> int:
     load_s = time.time() - started
 
     # train first, then evaluate the base model: a run resumed from its checkpoint over several sessions spends no
-    # time on evaluation until training is done; under a launcher rank 0 alone evaluates, after every rank has trained
-    # (a rank waiting in a collective times out). The base model answers as before: the neuron is off outside
+    # time on evaluation until training is done. The base model answers as before: the neuron is off outside
     # MeGModel calls.
     edited, _ = apply_meg_to_model(model, tok, requests, hp)
-    if not distributed.is_main():
-        return 0
-    if args.save:
+    if args.save and distributed.is_main():
         edited.save_pretrained(args.save)  # before evaluation: a crash there does not lose the edit
+    # under a launcher each rank scores every ranks-th evaluated request, and rank 0 gathers them
+    ranks, main = distributed.world_size(), distributed.is_main()
+    mine = evaluated[distributed.rank()::ranks]
     t0 = time.time()
-    reference = locality_reference(model, tok, evaluated, hp.eval_batch_size)
-    pre = evaluate_requests(model, tok, evaluated, reference, hp.eval_batch_size)
+    reference = locality_reference(model, tok, mine, hp.eval_batch_size)
+    pre = gathered(evaluate_requests(model, tok, mine, reference, hp.eval_batch_size, progress=main), len(evaluated))
     pre_s = time.time() - t0
     t0 = time.time()
-    post = evaluate_requests(edited, tok, evaluated, reference, hp.eval_batch_size)
+    post = gathered(evaluate_requests(edited, tok, mine, reference, hp.eval_batch_size, progress=main),
+                    len(evaluated))
     post_s = time.time() - t0
+    if not main:
+        return 0
     report = edited.report
     report["gate_probe"] = gate_probe(edited.edit, evaluated, load_pool(requests, hp), questions, trained_on=requests)
 

@@ -106,7 +106,8 @@ def gradient_init(stack, mlp, seq_edit, tok_seq, tok_pos, tok_ids, E, d, stop_lo
     x, g = x.reshape(-1, d), g.reshape(-1, d)
     normalize = torch.nn.functional.normalize
 
-    def times(a, b, w):  # per edit Σ_t a_t (b_t·w_e), with M = Σ_t x_t g_tᵀ: M w = times(x, g, w), Mᵀ w = times(g, x, w)
+    # per edit Σ_t a_t (b_t·w_e); with M = Σ_t x_t g_tᵀ: M w = times(x, g, w) and Mᵀ w = times(g, x, w)
+    def times(a, b, w):
         return a.new_zeros(E, d).index_add_(0, row_edit, a * (b * w[row_edit]).sum(1, keepdim=True))
 
     # top singular pair of M by power iteration, in factored form (never a d×d matrix; draws no random numbers)

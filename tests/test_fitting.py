@@ -202,7 +202,7 @@ def test_fit_views_must_not_be_negative():
 
 
 def test_gradient_init_fits_in_fewer_steps(gpt2_tokenizer):
-    """fit_init=gradient: the same fits (ok on every view, canonical) after far fewer Adam steps than the random start."""
+    """fit_init=gradient: the same fits (ok on every view, canonical) after far fewer Adam steps than a random start."""
     model = model_for_fitting("llama")
     random, warm = (fit_neurons(model, gpt2_tokenizer, VIEWS, TARGETS, hparams(fit_init=init, fit_stop_loss=0.05),
                                 progress=False) for init in ("random", "gradient"))
