@@ -262,10 +262,12 @@ def train_meg(model, tok, requests: list[dict], hp: MeGHyperParams, progress: bo
     calib_edit = torch.tensor(texts.calib_familiar_edit, dtype=torch.long)
     calib_ok = ok[calib_edit] if len(calib_edit) == len(emb["calib"]) else \
         torch.zeros(len(emb["calib"]), dtype=torch.bool)  # embeddings from an older checkpoint: no record
-    held_out = (emb["calib"][calib_ok], remap[calib_edit[calib_ok]]) if calib_ok.any() else None
+    # (not `held_out`: that name holds the evaluation texts no training text may contain, read again below)
+    unseen_views = (emb["calib"][calib_ok], remap[calib_edit[calib_ok]]) if calib_ok.any() else None
     with training_autocast(autocast, device):
         report["generator"] = generator.train_on(emb["pos"][keep], remap[torch.tensor(texts.positive_edit)[keep]],
-                                                 fit.weights[ok], hp, progress, checkpoint=ckpt, held_out=held_out)
+                                                 fit.weights[ok], hp, progress, checkpoint=ckpt,
+                                                 held_out=unseen_views)
     generator.requires_grad_(False)
     report["seconds"]["stage4_generator"] = ckpt.seconds()
     edits = [{k: r.get(k) for k in ("case_id", "prompt", "subject", "target_new")} for r in requests]
