@@ -56,6 +56,11 @@ STAGES = {"stage1_encoder": (("encoder_",), ()),
           "stage4_generator": (("generator", "dit_", "gen_"), ("stage1_encoder", "stage3_neurons"))}
 
 
+# fields added after checkpoints were first written, each with the value that trains exactly as before: left out of
+# the keys while they hold it, so a run resumed by a newer megedit finds the stages it already trained
+ADDED_FIELDS = {"fit_init": "random", "gen_epoch_unit": "views", "gen_stop_patience": 0, "gen_stop_min_delta": 0.0,
+                "familiarity_curve": False, "familiarity_patience": 0, "familiarity_min_delta": 0.0}
+
 HASHES = "hashes.json"
 # stages whose files are independent pieces of work: a damaged one is redone alone, the others are kept
 INDEPENDENT_FILES = ("stage3_neurons",)
@@ -95,7 +100,8 @@ def run_keys(requests: list[dict], hp, base_fingerprint: dict) -> tuple[str, dic
     if hp.pseudo_edit_data:
         pool = hashlib.sha256(resolve_data_path(hp.pseudo_edit_data).read_bytes()).hexdigest()
     # the relation check is built after the last stage from their outputs, never checkpointed: its settings key nothing
-    shared = {k: v for k, v in hp.to_dict().items() if k not in NOT_IN_KEY and not k.startswith("relation_")}
+    shared = {k: v for k, v in hp.to_dict().items() if k not in NOT_IN_KEY and not k.startswith("relation_")
+              and not (k in ADDED_FIELDS and v == ADDED_FIELDS[k])}
     own = {stage: {k: shared[k] for k in shared if k.startswith(prefixes)} for stage, (prefixes, _) in STAGES.items()}
     for params in own.values():
         for k in params:

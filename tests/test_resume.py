@@ -98,11 +98,11 @@ def test_another_run_never_reuses_these_checkpoints(tmp_path, monkeypatch):
     assert resaved == {}
 
 
-def test_run_key_reads_what_training_reads():
+def test_run_key_reads_what_training_reads(monkeypatch):
     """The keys follow what training reads: EasyEdit-built and megedit-built dicts of the same edits share them; a
     changed target, an evaluation prompt training must avoid, or a shared hparam gives another run key; a stage's own
     hparams change that stage's key and the keys of the stages that read its work, and no other."""
-    from megedit.checkpoint import run_keys
+    from megedit.checkpoint import ADDED_FIELDS, run_keys
     from megedit.hparams import MeGHyperParams
 
     hp, base = MeGHyperParams(model_name="tiny", layer=1), {"model": "tiny"}
@@ -126,6 +126,17 @@ def test_run_key_reads_what_training_reads():
     assert changed_stages(familiarity_epochs=7) == {"stage2_familiarity"}
     assert changed_stages(fit_steps=hp.fit_steps + 1) == {"stage3_neurons", "stage4_generator"}
     assert changed_stages(gen_epochs=7) == changed_stages(dit_depth=5) == {"stage4_generator"}
+    assert changed_stages(fit_init="gradient") == {"stage3_neurons", "stage4_generator"}
+
+    # a field added to the hparams after a checkpoint was written leaves that checkpoint's keys as they were while
+    # it holds the value that trains as before: a megedit without the field computed the same keys
+    for field, neutral in ADDED_FIELDS.items():
+        assert getattr(MeGHyperParams(model_name="x", layer=1), field) == neutral, field  # the default trains as before
+    older = hp.to_dict()
+    for field in ADDED_FIELDS:
+        del older[field]
+    monkeypatch.setattr(type(hp), "to_dict", lambda self: dict(older))
+    assert run_keys(ours, hp, base)[:2] == (run, stages)
 
 
 def test_new_generator_settings_reuse_the_earlier_stages(tmp_path, monkeypatch):
