@@ -67,11 +67,10 @@ def _group_mean(values: torch.Tensor, index: torch.Tensor, n: int) -> torch.Tens
 GRADIENT_INIT_NORMS = (1.5, 2.0, 2.5, 3.0, 4.0, 6.0)
 
 
-@torch.no_grad()
-def _answer_loss(stack, seq_edit, tok_seq, tok_pos, tok_ids, W, E):
-    """Each edit's mean answer cross-entropy with neurons ``W`` (E, P) on all its views."""
-    all_seqs = torch.arange(len(seq_edit), device=W.device)
-    with active_neurons(NeuronBatch(all_seqs, W[seq_edit], len(seq_edit))):
+def _answer_loss(stack, seq_edit, tok_seq, tok_pos, tok_ids, E, W=None):
+    """Each edit's mean answer cross-entropy over its views, with neurons ``W`` (E, P) active (None: none)."""
+    batch = None if W is None else NeuronBatch(torch.arange(len(seq_edit), device=W.device), W[seq_edit], len(seq_edit))
+    with active_neurons(batch):
         logits = stack.logits(stack.forward_hidden(stack.hidden), tok_seq, tok_pos)
     ce = F.cross_entropy(logits.float(), tok_ids, reduction="none")
     return _group_mean(_group_mean(ce, tok_seq, len(seq_edit)), seq_edit, E)
@@ -95,16 +94,14 @@ def gradient_init(stack, mlp, seq_edit, tok_seq, tok_pos, tok_ids, E, d, stop_lo
     handle = mlp.register_forward_hook(add_probe)
     try:
         with torch.enable_grad():
-            logits = stack.logits(stack.forward_hidden(stack.hidden), tok_seq, tok_pos)
-            ce = F.cross_entropy(logits.float(), tok_ids, reduction="none")
-            _group_mean(_group_mean(ce, tok_seq, len(seq_edit)), seq_edit, E).sum().backward()
+            _answer_loss(stack, seq_edit, tok_seq, tok_pos, tok_ids, E).sum().backward()
     finally:
         handle.remove()
     g = grads[0].grad.float() * stack.tail_mask.float()[..., None]  # (S, T, d); padding carries no gradient anyway
     x = stack.tail_mlp_in.float()
     row_edit = seq_edit.repeat_interleave(x.shape[1])
     x, g = x.reshape(-1, d), g.reshape(-1, d)
-    normalize = torch.nn.functional.normalize
+    normalize = F.normalize
 
     # per edit Σ_t a_t (b_t·w_e); with M = Σ_t x_t g_tᵀ: M w = times(x, g, w) and Mᵀ w = times(g, x, w)
     def times(a, b, w):
@@ -116,7 +113,8 @@ def gradient_init(stack, mlp, seq_edit, tok_seq, tok_pos, tok_ids, E, d, stop_lo
         v = normalize(times(g, x, times(x, g, v)), dim=1)
     u = normalize(times(x, g, v), dim=1)
     sigma = (times(x, g, v) * u).sum(1)  # uᵀ M v: the loss falls by ≈ s²σ at norm s
-    base_loss = _answer_loss(stack, seq_edit, tok_seq, tok_pos, tok_ids, torch.zeros(E, 2 * d, device=x.device), E)
+    with torch.no_grad():
+        base_loss = _answer_loss(stack, seq_edit, tok_seq, tok_pos, tok_ids, E)
     s0 = (base_loss / sigma.clamp_min(1e-12)).sqrt()  # (E,)
     direction = torch.cat([u, -v], dim=1)  # (E, 2d): each half of unit norm
     # the smallest norm whose loss meets the stopping rule (a stronger neuron than needed disturbs more when
@@ -125,7 +123,8 @@ def gradient_init(stack, mlp, seq_edit, tok_seq, tok_pos, tok_ids, E, d, stop_lo
     best_loss = torch.full((E,), float("inf"), device=x.device)
     met = torch.zeros(E, dtype=torch.bool, device=x.device)
     for m in GRADIENT_INIT_NORMS:
-        loss = _answer_loss(stack, seq_edit, tok_seq, tok_pos, tok_ids, direction * (m * s0[:, None]), E)
+        with torch.no_grad():
+            loss = _answer_loss(stack, seq_edit, tok_seq, tok_pos, tok_ids, E, direction * (m * s0[:, None]))
         take = ~met & ((loss < stop_loss) | (loss < best_loss))
         chosen[take], best_loss[take] = m * s0[take], loss[take]
         met |= loss < stop_loss

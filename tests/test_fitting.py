@@ -236,15 +236,15 @@ def test_gradient_init_is_the_first_order_best_direction(gpt2_tokenizer):
     mlp = decoder_layers(model)[1].mlp
     args = (stack, seq_edit, tok_seq, tok_pos, batch.labels[tok_seq, tok_pos])
     start = gradient_init(stack, mlp, *args[1:], 1, hidden_size(model), 0.01)
-    loss = _answer_loss(*args, start, 1)
+    loss = _answer_loss(*args, 1, start)
     d = hidden_size(model)
     g = torch.Generator().manual_seed(0)
     norm = start[0, :d].norm()
     for _ in range(5):
         other = torch.randn(1, 2 * d, generator=g)
         other = torch.cat([other[:, :d] / other[:, :d].norm() * norm, other[:, d:] / other[:, d:].norm() * norm], 1)
-        assert loss < _answer_loss(*args, other, 1)
-    assert loss < _answer_loss(*args, torch.zeros(1, 2 * d), 1)  # and it does lower it
+        assert loss < _answer_loss(*args, 1, other)
+    assert loss < _answer_loss(*args, 1)  # and it does lower the unedited model's loss
     assert len(GRADIENT_INIT_NORMS) > 1
 
 
