@@ -30,6 +30,8 @@ from megedit.meg_main import MEG_NEEDS_SUBJECT
 from megedit.records import write_json
 
 METRICS = ("rel_tf", "rel_ag", "gen_tf", "gen_ag", "loc_tf", "loc_ag", "score")
+# KnowEdit's same-subject locality and alias portability (nan on data without those kinds, e.g. CounterFact)
+KIND_COLUMNS = ("loc_tf.Relation_Specificity", "loc_ag.Relation_Specificity", "port_ag.Subject_Aliasing")
 STAGES = ("stage1_encoder", "embed", "stage2_familiarity", "stage3_neurons", "stage4_generator")
 
 
@@ -46,16 +48,18 @@ def trained(before: set[str], after: set[str]) -> list[str]:
 
 
 def table(out: Path) -> str:
-    lines = ["| variant | settings | " + " | ".join(METRICS) + " | gate: views pass | same subject blocked | "
-             "fit steps/edit | gen steps | " + " | ".join(s.removeprefix("stage") for s in STAGES) + " | trained here |",
-             "|---|---|" + "---:|" * (len(METRICS) + 4 + len(STAGES)) + "---|"]
-    for path in sorted(out.glob("*/results.json"), key=lambda p: p.stat().st_mtime):
-        r = json.loads(path.read_text())
+    records = [json.loads(p.read_text()) for p in sorted(out.glob("*/results.json"), key=lambda p: p.stat().st_mtime)]
+    kinds = [k for k in KIND_COLUMNS if any(k in r.get("post", {}) for r in records)]  # only where the data has them
+    lines = ["| variant | settings | " + " | ".join(METRICS + tuple(kinds)) + " | gate: views pass | same subject blocked"
+             " | fit steps/edit | gen steps | " + " | ".join(s.removeprefix("stage") for s in STAGES) + " | trained here |",
+             "|---|---|" + "---:|" * (len(METRICS) + len(kinds) + 4 + len(STAGES)) + "---|"]
+    for r in records:
         if "error" in r:
             lines.append(f"| {r['variant']} | {r['settings']} | failed: {r['error'][:80]} |")
             continue
         rep, secs = r["report"], r["seconds"]
-        cells = [f"{r['post'][m]:.1f}" for m in METRICS]
+        cells = [f"{r['post'].get(m, float('nan')):.1f}" for m in METRICS]
+        cells += [f"{r['post'].get(k, float('nan')):.1f}" for k in kinds]
         gate = rep.get("gate", {})
         cells += [f"{gate.get('familiar_pass', float('nan')):.3f}",
                   f"{gate.get('near_miss_blocked', {}).get('same_subject', float('nan')):.3f}"]
@@ -70,6 +74,8 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("hparams")
     ap.add_argument("--data", required=True, help="edit file, relative to $MEGEDIT_DATA")
+    ap.add_argument("--format", default="auto", help="data format (as megedit edit's --format)")
+    ap.add_argument("--split", choices=("validation", "reported"), help="KnowEdit only: this part of the file")
     ap.add_argument("--n", type=int, required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--checkpoint-dir", required=True)
@@ -82,10 +88,10 @@ def main(argv=None) -> None:
     for name, sets in variants:  # bad settings fail here, before any model is loaded
         MeGHyperParams.from_dict({**hp0.to_dict(), **parse_overrides(sets.split())}, source=name)
     out = Path(args.out)
-    requests, _ = drop_conflicts(load_requests("auto", args.data, n=args.n))
+    requests, _ = drop_conflicts(load_requests(args.format, args.data, n=args.n, split=args.split))
     requests = validate_requests(requests, need_subject=MEG_NEEDS_SUBJECT)
     model, tok = load_model(hp0)
-    ref_path = Path(args.checkpoint_dir).expanduser() / f"locality_reference_n{args.n}.pt"
+    ref_path = Path(args.checkpoint_dir).expanduser() / f"locality_reference_{Path(args.data).stem}{args.split or ''}_n{args.n}.pt"
     if ref_path.exists():
         reference = torch.load(ref_path)
     else:

@@ -33,3 +33,19 @@ def test_table_has_a_row_per_variant_and_says_what_failed(tmp_path):
     assert "`gen_epochs=20`" in fast and "| 94.8 |" in fast and "| 0.8 | 640 |" in fast and "| 390 |" in fast
     assert "stage4_generator" in fast
     assert "failed: generator training diverged" in next(line for line in lines if line.startswith("| diverged"))
+
+
+def test_knowedit_kinds_get_columns_only_where_the_data_has_them(tmp_path):
+    report = {"fit": {"mean_steps": 1.0}, "generator": {"steps": 600}, "gate": {}}
+    knowedit = {**{k: v for k, v in SUMMARY.items() if not k.startswith("gen")},
+                "loc_tf.Relation_Specificity": 71.5, "loc_ag.Relation_Specificity": 40.0}
+    record = {"variant": "ke", "settings": "", "post": knowedit, "report": report, "seconds": {}, "trained_stages": []}
+    (tmp_path / "ke").mkdir()
+    (tmp_path / "ke" / "results.json").write_text(json.dumps(record))
+    header, _, row = table(tmp_path).splitlines()
+    assert "loc_tf.Relation_Specificity" in header and "port_ag.Subject_Aliasing" not in header
+    assert "| 71.5 | 40.0 |" in row and "| nan | nan |" in row  # no Generality on KnowEdit
+    (tmp_path / "ke").rename(tmp_path / "cf")
+    cf = {**record, "variant": "cf", "post": SUMMARY}
+    (tmp_path / "cf" / "results.json").write_text(json.dumps(cf))
+    assert "Relation_Specificity" not in table(tmp_path)
