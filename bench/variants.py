@@ -120,7 +120,8 @@ def main(argv=None) -> None:
                           "seconds": {**report["seconds"], "train_wall": train_s, "post_eval": time.time() - t0},
                           "per_request_post": post["per_request"]})
         (out / "variants.md").write_text(table(out))
-        print(f"{name}: " + " ".join(f"{m} {post['summary'][m]:.1f}" for m in METRICS), flush=True)
+        print(f"{name}: " + " ".join(f"{m} {post['summary'][m]:.1f}" for m in METRICS + KIND_COLUMNS
+                                     if m in post["summary"]), flush=True)
         model = edited.unload()
 
 
