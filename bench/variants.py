@@ -91,7 +91,8 @@ def main(argv=None) -> None:
     requests, _ = drop_conflicts(load_requests(args.format, args.data, n=args.n, split=args.split))
     requests = validate_requests(requests, need_subject=MEG_NEEDS_SUBJECT)
     model, tok = load_model(hp0)
-    ref_path = Path(args.checkpoint_dir).expanduser() / f"locality_reference_{Path(args.data).stem}{args.split or ''}_n{args.n}.pt"
+    edit_set = "_".join(filter(None, (Path(args.data).stem, args.split, f"n{args.n}")))  # the unedited answers' key
+    ref_path = Path(args.checkpoint_dir).expanduser() / f"locality_reference_{edit_set}.pt"
     if ref_path.exists():
         reference = torch.load(ref_path)
     else:
