@@ -171,6 +171,9 @@ class MeGHyperParams:
     # calibration queries: "edits" (the edits' held-out views vs their same-subject near misses), "pool" (pool
     # pseudo-edits' own rephrasings vs their same-subject near misses: real paraphrases, for any edit set) or "both"
     relation_calibration: str = "both"
+    # None: off; m: also refuse a query whose masked text lies more than m closer to another edit's masked prompt than
+    # to the named edit's views (it asks a relation that the batch edits elsewhere)
+    relation_margin: float | None = None
 
     eval_batch_size: int = 32
 
@@ -234,6 +237,8 @@ class MeGHyperParams:
                 raise HParamsError(f"hparams field {name!r} must be >= 0, got {getattr(self, name)!r}")
         if self.familiarity_patience and not self.familiarity_curve:
             raise HParamsError("familiarity_patience needs familiarity_curve: true (the held-out record it stops on)")
+        if self.relation_margin is not None and not -2 <= self.relation_margin <= 2:  # cosine similarities: NaN too
+            raise HParamsError(f"relation_margin must be None or a number in [-2, 2], got {self.relation_margin!r}")
         if self.familiarity_classes < 2:
             raise HParamsError("familiarity_classes must be at least 2 (entropy of a 1-way prediction is always 0)")
         if self.layer < 0:

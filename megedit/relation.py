@@ -11,7 +11,11 @@ queries the gate let through:
 3. cut the query to the sentence holding the subject and replace the subject by a placeholder (``relation_text``), and
    embed that with the tuned encoder;
 4. let the query through only if that embedding comes within ``threshold`` (cosine) of the same masked text of one of
-   those edits' training views; otherwise the unedited model answers.
+   those edits' training views; otherwise the unedited model answers;
+5. with ``margin`` set, also refuse it when the masked prompt of some edit (any subject) is more than ``margin`` closer
+   to it than those views are: the query asks a relation that another edit asks, not the named subject's edited one
+   (a batch of edits names most relations a same-subject question can ask; paraphrases of the edit stay nearest to its
+   own views, which hold its prompt).
 
 The threshold is chosen like the gate's: on held-out calibration queries built from the pseudo-edit pool (the edits'
 calibration views vs same-subject near misses under another template), never on evaluation data.
@@ -52,16 +56,31 @@ def relation_text(text: str, subject: str | None) -> str | None:
 
 
 class RelationCheck(nn.Module):
-    """Buffers: ``keys`` (masked training views, fp16, (n_keys, dim)), ``key_edit`` (the edit of each key) and
-    ``threshold``; ``subjects``: each edit's subject. ``top_k``: how many nearest edits are asked."""
+    """Buffers: ``keys`` (masked training views, fp16, (n_keys, dim)), ``key_edit`` (the edit of each key),
+    ``threshold``, ``prompt_keys`` (the edits' distinct masked prompts, fp16, (n_prompts, dim)), ``prompt_of_edit`` (each
+    edit's row there, -1 when its prompt does not name its subject) and ``margin`` (NaN: step 5 off); ``subjects``: each
+    edit's subject. ``top_k``: how many nearest edits are asked."""
 
-    def __init__(self, subjects: list[str], n_keys: int, dim: int, top_k: int = 3):
+    def __init__(self, subjects: list[str], n_keys: int, dim: int, top_k: int = 3, n_prompts: int = 0):
         super().__init__()
         self.subjects = list(subjects)
         self.top_k = top_k
         self.register_buffer("keys", torch.zeros(n_keys, dim, dtype=torch.float16))
         self.register_buffer("key_edit", torch.zeros(n_keys, dtype=torch.long))
         self.register_buffer("threshold", torch.tensor(-1.0))
+        self.register_buffer("prompt_keys", torch.zeros(n_prompts, dim, dtype=torch.float16))
+        self.register_buffer("prompt_of_edit", torch.full((len(self.subjects),), -1, dtype=torch.long))
+        self.register_buffer("margin", torch.tensor(float("nan")))
+
+    @torch.no_grad()
+    def prompt_similarity(self, emb: torch.Tensor, edits: list[int]) -> tuple[float, float]:
+        """For one masked embedding (dim,): its best cosine similarity to any edit's masked prompt, and to the masked
+        prompts of ``edits`` (-2 when none). Both come from the same keys, so the query's own edit ties exactly."""
+        if not len(self.prompt_keys):
+            return -2.0, -2.0
+        sims = self.prompt_keys.float() @ emb.to(self.keys.device).float()
+        own = [int(i) for i in self.prompt_of_edit[edits].tolist() if i >= 0]
+        return float(sims.max()), (float(sims[own].max()) if own else -2.0)
 
     @torch.no_grad()
     def similarity_to_edit(self, emb: torch.Tensor, edits: list[int]) -> torch.Tensor:
@@ -86,10 +105,13 @@ class RelationCheck(nn.Module):
         masked similarity to those edits' views, None when no subject is named) and ``allowed``."""
         out = []
         pending = []  # (row, masked text, edits)
+        margin = float(self.margin)
         for i, (text, near) in enumerate(zip(texts, self.nearest_edits(emb, gate_keys, gate_key_edit))):
             named = [e for e in near if find_subject(text, self.subjects[e]) >= 0]
             out.append({"nearest_edits": near, "subject_edits": named, "relation_text": None, "similarity": None,
                         "threshold": float(self.threshold), "allowed": True})
+            if margin == margin:  # step 5 on
+                out[-1].update(prompt_similarity=None, margin=margin)
             if named:
                 masked = {relation_text(text, self.subjects[e]) for e in named}
                 pending += [(i, m, named) for m in masked]
@@ -99,9 +121,14 @@ class RelationCheck(nn.Module):
                 sim = float(self.similarity_to_edit(row[None].expand(len(named), -1), named).max())
                 if out[i]["similarity"] is None or sim > out[i]["similarity"]:
                     out[i].update(relation_text=m, similarity=sim)
+                    if margin == margin:
+                        any_prompt, own_prompt = self.prompt_similarity(row, named)
+                        out[i].update(prompt_similarity=any_prompt, own_similarity=max(sim, own_prompt))
             for o in out:
                 if o["similarity"] is not None:
                     o["allowed"] = o["similarity"] >= o["threshold"]
+                    if margin == margin:  # another edited relation is nearer than the named edit's own
+                        o["allowed"] = o["allowed"] and o["own_similarity"] + margin >= o["prompt_similarity"]
         return out
 
     def allows(self, encoder, texts: list[str], emb: torch.Tensor, gate_keys: torch.Tensor,
@@ -154,7 +181,10 @@ def fit_relation_check(encoder, requests: list[dict], views: list[list[str]], po
     """The check for these edits: masked training views as keys; threshold chosen on calibration queries (or
     ``relation_threshold`` when set). ``views``: per edit, its prompt and training views (``TrainingTexts.views``)."""
     check = build_check(encoder, requests, views, hp.relation_top_k)
-    report: dict = {"keys": len(check.keys)}
+    report: dict = {"keys": len(check.keys), "prompt_keys": len(check.prompt_keys)}
+    if hp.relation_margin is not None:
+        check.margin.fill_(hp.relation_margin)
+        report["margin"] = hp.relation_margin
     if hp.relation_threshold is not None:
         check.threshold.fill_(hp.relation_threshold)
         report["threshold"] = hp.relation_threshold
@@ -179,8 +209,9 @@ def fit_relation_check(encoder, requests: list[dict], views: list[list[str]], po
 
 
 def build_check(encoder, requests: list[dict], views: list[list[str]], top_k: int) -> RelationCheck:
-    """A check (threshold unset) whose keys are each edit's views, bare and followed by the new target (what a
-    teacher-forced query routes on), cut to the subject's sentence and masked."""
+    """A check (threshold and margin unset) whose keys are each edit's views, bare and followed by the new target (what
+    a teacher-forced query routes on), cut to the subject's sentence and masked; its prompt keys are the edits'
+    distinct masked prompts."""
     subjects = [r["subject"] for r in requests]
     keys, owner = [], []
     for e, v in enumerate(views):
@@ -188,10 +219,15 @@ def build_check(encoder, requests: list[dict], views: list[list[str]], top_k: in
         masked = dict.fromkeys(m for m in (relation_text(t, subjects[e]) for t in texts) if m)
         keys += list(masked)
         owner += [e] * len(masked)
-    key_emb = embed(encoder, keys)
-    check = RelationCheck(subjects, len(keys), key_emb.shape[1], top_k)
-    check.keys.copy_(key_emb.half())
+    masked_prompts = [relation_text(r["prompt"], r["subject"]) for r in requests]
+    prompts = list(dict.fromkeys(m for m in masked_prompts if m))
+    row = {m: i for i, m in enumerate(prompts)}
+    emb = embed(encoder, keys + prompts)
+    check = RelationCheck(subjects, len(keys), emb.shape[1], top_k, len(prompts))
+    check.keys.copy_(emb[:len(keys)].half())
     check.key_edit.copy_(torch.tensor(owner, dtype=torch.long))
+    check.prompt_keys.copy_(emb[len(keys):].half())
+    check.prompt_of_edit.copy_(torch.tensor([row.get(m, -1) for m in masked_prompts], dtype=torch.long))
     return check
 
 
@@ -259,7 +295,10 @@ def load_relation(folder, device: str = "cpu") -> RelationCheck:
     folder = Path(folder)
     meta = json.loads((folder / RELATION_FILES[1]).read_text())
     state = load_file(str(folder / RELATION_FILES[0]))
-    check = RelationCheck(meta["subjects"], state["keys"].shape[0], state["keys"].shape[1], meta["top_k"])
+    check = RelationCheck(meta["subjects"], state["keys"].shape[0], state["keys"].shape[1], meta["top_k"],
+                          len(state.get("prompt_keys", ())))
+    if "prompt_keys" not in state:  # an edit saved before prompt keys existed: step 5 stays off
+        state.update(prompt_keys=check.prompt_keys, prompt_of_edit=check.prompt_of_edit, margin=check.margin)
     check.load_state_dict(state)
     return check.to(device)
 

@@ -73,10 +73,14 @@ def _decision(t: dict) -> str:
     if rel["similarity"] is None:
         return ("familiar; relation check: no nearest edit's subject is named in the query, so the gate's decision "
                 "stands: the generated neuron is applied")
-    verdict = (f"{rel['similarity']:.4f} >= threshold {rel['threshold']:.4f}: the generated neuron is applied"
-               if rel["allowed"] else
-               f"{rel['similarity']:.4f} < threshold {rel['threshold']:.4f}: refused (same subject, another relation), "
-               "the unedited model answers")
+    above = rel["similarity"] >= rel["threshold"]
+    verdict = (f"{rel['similarity']:.4f} {'>=' if above else '<'} threshold {rel['threshold']:.4f}")
+    if above and rel.get("prompt_similarity") is not None:
+        nearer = not rel["allowed"]  # only the margin rule can refuse a query above the threshold
+        verdict += (f"; another edit's prompt is {'nearer' if nearer else 'not nearer'} at "
+                    f"{rel['prompt_similarity']:.4f} (margin {rel['margin']:.2f})")
+    verdict += (": the generated neuron is applied" if rel["allowed"] else
+                ": refused (same subject, another relation), the unedited model answers")
     named = ", ".join(f"case {e['case_id']} ({e['subject']!r})" for e in rel["subject_edits"])
     return (f"familiar; relation check: the query names the subject of {named}; subject masked, "
             f"{rel['relation_text']!r} is closest to that edit's views at {verdict}")

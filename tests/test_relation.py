@@ -78,6 +78,49 @@ def test_check_refuses_another_relation_of_a_named_subject_only():
     assert near == [[0]] and check.explain(enc, q, embed(enc, q), gate_keys, gate_owner)[0]["subject_edits"] == []
 
 
+def test_margin_refuses_a_relation_that_another_edit_asks(tmp_path):
+    from megedit.encoder import embed
+    from megedit.relation import build_check, load_relation, save_relation
+
+    enc = BagOfWords()
+    requests = [{"prompt": "The mother tongue of Danielle Darrieux is", "subject": "Danielle Darrieux",
+                 "target_new": "English"},
+                {"prompt": "The twin city of Toko Yasuda is", "subject": "Toko Yasuda", "target_new": "Rome"}]
+    views = [[requests[0]["prompt"], "Danielle Darrieux's mother tongue is"], [requests[1]["prompt"]]]
+    check = build_check(enc, requests, views, top_k=2)
+    assert len(check.prompt_keys) == 2 and float(check.margin) != float(check.margin)  # NaN: step 5 off
+    check.threshold.fill_(0.5)  # loose: "of X is" alone brings a query near edit 0
+    gate_texts = [t for v in views for t in v]
+    gate_owner = torch.tensor([e for e, v in enumerate(views) for _ in v])
+    gate_keys = embed(enc, gate_texts).half()
+    queries = ["The twin city of Danielle Darrieux is",  # edit 1's relation asked of edit 0's subject
+               "Danielle Darrieux's mother tongue is",  # the edit under another wording
+               "The mother tongue of Danielle Darrieux is"]  # the edit itself
+    emb = embed(enc, queries)
+    assert check.allows(enc, queries, emb, gate_keys, gate_owner).tolist() == [True, True, True]
+    check.margin.fill_(0.0)
+    out = check.explain(enc, queries, emb, gate_keys, gate_owner)
+    assert [o["allowed"] for o in out] == [False, True, True]
+    assert out[0]["similarity"] >= 0.5 and out[0]["prompt_similarity"] == pytest.approx(1.0, abs=1e-3)
+    # views and prompts are embedded in other batches (other rounding): an edit's own prompt must still win its tie
+    check.keys.mul_(0.999)
+    assert check.allows(enc, queries, emb, gate_keys, gate_owner).tolist() == [False, True, True]
+    check.margin.fill_(1.0)  # a wide margin: only the threshold decides again
+    assert check.allows(enc, queries, emb, gate_keys, gate_owner).tolist() == [True, True, True]
+    # saved and loaded with its prompt keys and margin; a check saved before they existed keeps step 5 off
+    save_relation(check, tmp_path)
+    loaded = load_relation(tmp_path)
+    assert torch.equal(loaded.prompt_keys, check.prompt_keys) and float(loaded.margin) == 1.0
+    from safetensors.torch import load_file, save_file
+
+    old = {k: v for k, v in load_file(str(tmp_path / "relation.safetensors")).items()
+           if k not in ("prompt_keys", "margin")}
+    save_file(old, str(tmp_path / "relation.safetensors"))
+    loaded = load_relation(tmp_path)
+    assert len(loaded.prompt_keys) == 0 and float(loaded.margin) != float(loaded.margin)
+    assert loaded.allows(enc, queries, emb, gate_keys, gate_owner).tolist() == [True, True, True]
+
+
 def test_threshold_is_the_middle_of_the_best_range():
     got = _choose_threshold(torch.tensor([0.9, 0.95, 1.0]), torch.tensor([0.3, 0.5]))
     assert got["threshold"] == pytest.approx(0.7) and got["balanced_accuracy"] == 1.0
@@ -147,7 +190,7 @@ def test_trained_edit_has_the_check_and_saves_it(tiny_edit):
     assert "relation_check" in edited.report["seconds"]
     loaded = MeGModel.from_pretrained(tiny_base()[0], tok, edited.save_pretrained(folder / "edit"))
     for name, t in edited.edit.relation.state_dict().items():
-        assert torch.equal(t, loaded.edit.relation.state_dict()[name]), name
+        torch.testing.assert_close(t, loaded.edit.relation.state_dict()[name], rtol=0, atol=0, equal_nan=True, msg=name)
     assert loaded.edit.relation.subjects == [r["subject"] for r in EDITS]
     assert torch.equal(loaded.edit.applies(QUERIES), edited.edit.applies(QUERIES))
 
