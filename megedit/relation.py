@@ -12,10 +12,11 @@ queries the gate let through:
    embed that with the tuned encoder;
 4. let the query through only if that embedding comes within ``threshold`` (cosine) of the same masked text of one of
    those edits' training views; otherwise the unedited model answers;
-5. with ``margin`` set, also refuse it when the masked prompt of some edit (any subject) is more than ``margin`` closer
-   to it than those views are: the query asks a relation that another edit asks, not the named subject's edited one
-   (a batch of edits names most relations a same-subject question can ask; paraphrases of the edit stay nearest to its
-   own views, which hold its prompt).
+5. with ``margin`` set, also refuse it when the masked prompt of some edit of another relation (any subject) is more
+   than ``margin`` closer to it than those views and the named edit's relation's prompts are: the query asks a relation
+   that another edit asks, not the named subject's edited one (a batch of edits names most relations a same-subject
+   question can ask). Prompts are grouped into relations by the pool's answer types (templates whose pool answers
+   overlap ask the same kind of thing: "X is owned by" and "X, by"); a template the pool lacks is a relation of its own.
 
 The threshold is chosen like the gate's: on held-out calibration queries built from the pseudo-edit pool (the edits'
 calibration views vs same-subject near misses under another template), never on evaluation data.
@@ -28,6 +29,7 @@ import re
 import torch
 import torch.nn as nn
 
+from .augment import template_of
 from .encoder import embed
 
 MASK = "X"  # what stands for the subject in a masked text
@@ -57,9 +59,9 @@ def relation_text(text: str, subject: str | None) -> str | None:
 
 class RelationCheck(nn.Module):
     """Buffers: ``keys`` (masked training views, fp16, (n_keys, dim)), ``key_edit`` (the edit of each key),
-    ``threshold``, ``prompt_keys`` (the edits' distinct masked prompts, fp16, (n_prompts, dim)), ``prompt_of_edit`` (each
-    edit's row there, -1 when its prompt does not name its subject) and ``margin`` (NaN: step 5 off); ``subjects``: each
-    edit's subject. ``top_k``: how many nearest edits are asked."""
+    ``threshold``, ``prompt_keys`` (the edits' distinct masked prompts, fp16, (n_prompts, dim)), ``prompt_family`` (the
+    relation of each), ``prompt_of_edit`` (each edit's row there, -1 when its prompt does not name its subject) and
+    ``margin`` (NaN: step 5 off); ``subjects``: each edit's subject. ``top_k``: how many nearest edits are asked."""
 
     def __init__(self, subjects: list[str], n_keys: int, dim: int, top_k: int = 3, n_prompts: int = 0):
         super().__init__()
@@ -69,18 +71,20 @@ class RelationCheck(nn.Module):
         self.register_buffer("key_edit", torch.zeros(n_keys, dtype=torch.long))
         self.register_buffer("threshold", torch.tensor(-1.0))
         self.register_buffer("prompt_keys", torch.zeros(n_prompts, dim, dtype=torch.float16))
+        self.register_buffer("prompt_family", torch.arange(n_prompts, dtype=torch.long))
         self.register_buffer("prompt_of_edit", torch.full((len(self.subjects),), -1, dtype=torch.long))
         self.register_buffer("margin", torch.tensor(float("nan")))
 
     @torch.no_grad()
     def prompt_similarity(self, emb: torch.Tensor, edits: list[int]) -> tuple[float, float]:
-        """For one masked embedding (dim,): its best cosine similarity to any edit's masked prompt, and to the masked
-        prompts of ``edits`` (-2 when none). Both come from the same keys, so the query's own edit ties exactly."""
-        if not len(self.prompt_keys):
-            return -2.0, -2.0
+        """For one masked embedding (dim,): its best cosine similarity to the masked prompts of other relations than
+        those of ``edits``, and to those of their relations (-2 when none). Both come from the same keys, so a query
+        worded as its own edit's prompt ties exactly."""
+        rows = [int(i) for i in self.prompt_of_edit[edits].tolist() if i >= 0]
+        mine = torch.isin(self.prompt_family, self.prompt_family[rows])
         sims = self.prompt_keys.float() @ emb.to(self.keys.device).float()
-        own = [int(i) for i in self.prompt_of_edit[edits].tolist() if i >= 0]
-        return float(sims.max()), (float(sims[own].max()) if own else -2.0)
+        best = lambda m: float(sims[m].max()) if bool(m.any()) else -2.0  # noqa: E731
+        return best(~mine), best(mine)
 
     @torch.no_grad()
     def similarity_to_edit(self, emb: torch.Tensor, edits: list[int]) -> torch.Tensor:
@@ -122,8 +126,8 @@ class RelationCheck(nn.Module):
                 if out[i]["similarity"] is None or sim > out[i]["similarity"]:
                     out[i].update(relation_text=m, similarity=sim)
                     if margin == margin:
-                        any_prompt, own_prompt = self.prompt_similarity(row, named)
-                        out[i].update(prompt_similarity=any_prompt, own_similarity=max(sim, own_prompt))
+                        other, own_prompt = self.prompt_similarity(row, named)
+                        out[i].update(prompt_similarity=other, own_similarity=max(sim, own_prompt))
             for o in out:
                 if o["similarity"] is not None:
                     o["allowed"] = o["similarity"] >= o["threshold"]
@@ -180,8 +184,9 @@ def fit_relation_check(encoder, requests: list[dict], views: list[list[str]], po
                        held_out=None) -> tuple[RelationCheck, dict]:
     """The check for these edits: masked training views as keys; threshold chosen on calibration queries (or
     ``relation_threshold`` when set). ``views``: per edit, its prompt and training views (``TrainingTexts.views``)."""
-    check = build_check(encoder, requests, views, hp.relation_top_k)
-    report: dict = {"keys": len(check.keys), "prompt_keys": len(check.prompt_keys)}
+    check = build_check(encoder, requests, views, hp.relation_top_k, pool)
+    report: dict = {"keys": len(check.keys), "prompt_keys": len(check.prompt_keys),
+                    "prompt_relations": len(check.prompt_family.unique())}
     if hp.relation_margin is not None:
         check.margin.fill_(hp.relation_margin)
         report["margin"] = hp.relation_margin
@@ -208,10 +213,29 @@ def fit_relation_check(encoder, requests: list[dict], views: list[list[str]], po
     return check, report
 
 
-def build_check(encoder, requests: list[dict], views: list[list[str]], top_k: int) -> RelationCheck:
+def prompt_families(templates: list[str | None], pool=None) -> list[int]:
+    """A relation id per prompt template: templates whose pool answers overlap (``PseudoEditPool.same_answer_type``)
+    share one, joined transitively; a template the pool lacks (or no pool) keeps its own."""
+    family = list(range(len(templates)))
+
+    def root(i: int) -> int:
+        while family[i] != i:
+            family[i] = family[family[i]]
+            i = family[i]
+        return i
+
+    known = [i for i, t in enumerate(templates) if pool is not None and t in pool.answers]
+    for a, i in enumerate(known):
+        for j in known[a + 1:]:
+            if root(i) != root(j) and pool.same_answer_type(templates[i], templates[j]):
+                family[root(j)] = root(i)
+    return [root(i) for i in range(len(templates))]
+
+
+def build_check(encoder, requests: list[dict], views: list[list[str]], top_k: int, pool=None) -> RelationCheck:
     """A check (threshold and margin unset) whose keys are each edit's views, bare and followed by the new target (what
     a teacher-forced query routes on), cut to the subject's sentence and masked; its prompt keys are the edits'
-    distinct masked prompts."""
+    distinct masked prompts, grouped into relations by the pool's answer types (``prompt_families``)."""
     subjects = [r["subject"] for r in requests]
     keys, owner = [], []
     for e, v in enumerate(views):
@@ -220,7 +244,11 @@ def build_check(encoder, requests: list[dict], views: list[list[str]], top_k: in
         keys += list(masked)
         owner += [e] * len(masked)
     masked_prompts = [relation_text(r["prompt"], r["subject"]) for r in requests]
-    prompts = list(dict.fromkeys(m for m in masked_prompts if m))
+    template = {}  # masked prompt -> the template of the first edit that has it
+    for r, m in zip(requests, masked_prompts):
+        if m:
+            template.setdefault(m, template_of(r["prompt"], r["subject"]))
+    prompts = list(template)
     row = {m: i for i, m in enumerate(prompts)}
     emb = embed(encoder, keys + prompts)
     check = RelationCheck(subjects, len(keys), emb.shape[1], top_k, len(prompts))
@@ -228,6 +256,7 @@ def build_check(encoder, requests: list[dict], views: list[list[str]], top_k: in
     check.key_edit.copy_(torch.tensor(owner, dtype=torch.long))
     check.prompt_keys.copy_(emb[len(keys):].half())
     check.prompt_of_edit.copy_(torch.tensor([row.get(m, -1) for m in masked_prompts], dtype=torch.long))
+    check.prompt_family.copy_(torch.tensor(prompt_families([template[m] for m in prompts], pool), dtype=torch.long))
     return check
 
 
@@ -298,7 +327,8 @@ def load_relation(folder, device: str = "cpu") -> RelationCheck:
     check = RelationCheck(meta["subjects"], state["keys"].shape[0], state["keys"].shape[1], meta["top_k"],
                           len(state.get("prompt_keys", ())))
     if "prompt_keys" not in state:  # an edit saved before prompt keys existed: step 5 stays off
-        state.update(prompt_keys=check.prompt_keys, prompt_of_edit=check.prompt_of_edit, margin=check.margin)
+        state.update(prompt_keys=check.prompt_keys, prompt_family=check.prompt_family,
+                     prompt_of_edit=check.prompt_of_edit, margin=check.margin)
     check.load_state_dict(state)
     return check.to(device)
 

@@ -121,6 +121,32 @@ def test_margin_refuses_a_relation_that_another_edit_asks(tmp_path):
     assert loaded.allows(enc, queries, emb, gate_keys, gate_owner).tolist() == [True, True, True]
 
 
+def test_margin_counts_prompts_of_the_same_relation_as_the_edit_s_own():
+    from megedit.encoder import embed
+    from megedit.relation import build_check, prompt_families
+
+    pool = PseudoEditPool([{"prompt": p, "subject": s, "ground_truth": a} for p, s, a in (
+        ("Ann Lee's mother tongue is", "Ann Lee", "French"), ("The native language of Bo Ro is", "Bo Ro", "French"),
+        ("The twin city of Kyiv is", "Kyiv", "Rome"))])
+    assert prompt_families(["{}'s mother tongue is", "{} plays", "The native language of {} is",
+                            "The twin city of {} is"], pool) == [0, 1, 0, 3]
+    assert prompt_families(["{}'s mother tongue is", "The native language of {} is"]) == [0, 1]  # no pool
+    enc = BagOfWords()
+    requests = [{"prompt": "Danielle Darrieux's mother tongue is", "subject": "Danielle Darrieux", "target_new": "English"},
+                {"prompt": "The native language of Toko Yasuda is", "subject": "Toko Yasuda", "target_new": "Dutch"},
+                {"prompt": "The twin city of Paris is", "subject": "Paris", "target_new": "Rome"}]
+    views = [[r["prompt"]] for r in requests]
+    gate_keys, gate_owner = embed(enc, [v[0] for v in views]).half(), torch.arange(3)
+    queries = ["The native language of Danielle Darrieux is",  # edit 0's relation in edit 1's wording
+               "The twin city of Danielle Darrieux is"]  # another relation
+    emb = embed(enc, queries)
+    for with_pool, expected in ((pool, [True, False]), (None, [False, False])):
+        check = build_check(enc, requests, views, top_k=3, pool=with_pool)
+        check.threshold.fill_(0.3)
+        check.margin.fill_(0.0)
+        assert check.allows(enc, queries, emb, gate_keys, gate_owner).tolist() == expected
+
+
 def test_threshold_is_the_middle_of_the_best_range():
     got = _choose_threshold(torch.tensor([0.9, 0.95, 1.0]), torch.tensor([0.3, 0.5]))
     assert got["threshold"] == pytest.approx(0.7) and got["balanced_accuracy"] == 1.0
