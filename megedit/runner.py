@@ -31,7 +31,7 @@ import torch
 from . import report
 from .baselines.z_cache import with_z_cache, z_cache_template
 from .data import drop_conflicts, load_requests, validate_requests
-from .easyedit.requests import batch_edit_inputs, in_api_terms, locality_inputs
+from .easyedit.requests import batch_edit_inputs, in_api_terms, locality_inputs, with_evaluation_texts
 from .evaluate import evaluate_requests, locality_reference
 from .peak_memory import PeakMemory
 from .records import environment, write_json
@@ -125,6 +125,8 @@ def run_method(method: Method, requests: list[dict], cfg: RunConfig, log_path: P
     seed_everything(cfg.seed)
     editor = BaseEditor.from_hparams(hp)
     z_reused = [0]
+    if hp.alg_name == "MeG":
+        editor.apply_algo = with_evaluation_texts(editor.apply_algo, requests)
     if hp.alg_name in ("MEMIT", "AlphaEdit"):
         editor.apply_algo = with_z_cache(editor.apply_algo, z_cache_template(cfg, method, hp),
                                           {r["prompt"]: r["case_id"] for r in requests}, z_reused)

@@ -50,3 +50,13 @@ def test_every_method_reports_each_kind(tmp_path):
     table = (cfg.output / "results.md").read_text()
     assert "Loc Relation_Specificity TF" in table and "Port Subject_Aliasing AG" in table
     assert table.count("| 2 |") == 6  # three methods in each of the two tables
+    # EasyEdit hands MeG one locality prompt per edit and no portability: MeG's training still knew every evaluation
+    # text (what its checkpoint key hashes), as under `megedit edit`
+    meg_record = next(r for r in records if r["alg_name"] == "MeG")
+    run_json = next((cfg.output / "checkpoints").glob("*/run.json"))
+    never = [set(r["never_train_on"]) for r in json.loads(run_json.read_text())["requests"]]
+    for texts, record in zip(never, knowedit_records()):
+        assert texts == {record["locality"]["Relation_Specificity"][0]["prompt"],
+                         record["locality"]["Forgetfulness"][0]["prompt"],
+                         record["portability"]["Subject_Aliasing"][0]["prompt"]}
+    assert meg_record["meg_report"]["leakage"]["evaluation_texts"] == len(set().union(*never))

@@ -96,6 +96,26 @@ def batch_edit_inputs(requests: list[dict]) -> dict:
         subject=[r["subject"] for r in requests])
 
 
+def with_evaluation_texts(apply, requests: list[dict]):
+    """``apply_algo`` of a method that keeps its evaluation texts out of training (MeG), handed each request's full
+    rephrase, locality and portability fields: ``batch_edit`` passes one locality prompt per request and no
+    portability, so a KnowEdit or zsRE run would otherwise train on texts it is scored on (and not find the
+    checkpoint ``megedit edit`` wrote for the same requests)."""
+    full = {(r["prompt"], r.get("subject")): r for r in requests}
+    fields = ("rephrase_prompt", "locality", "portability")
+
+    def call(model, tok, batch, hparams, **kwargs):
+        restored = []
+        for r in batch:
+            own = full.get((r["prompt"], r.get("subject")))
+            if own is None:
+                raise RuntimeError(f"EasyEdit passed an edit megedit did not send: {r['prompt']!r}")
+            restored.append({**r, **{k: own[k] for k in fields if own.get(k)}})
+        return apply(model, tok, restored, hparams, **kwargs)
+
+    return call
+
+
 def in_api_terms(api: str, inputs: dict) -> dict:
     """``batch_edit_inputs`` as keywords of the installed EasyEdit's ``batch_edit``, asking it to leave the edits on
     the model for megedit to score: the wheel keeps them with ``keep_original_weight=False``; the GitHub API ignores
