@@ -247,7 +247,16 @@ def test_refused_query_gets_the_unedited_model_and_the_trace_says_why(tiny_edit)
         assert "gate's decision stands" in format_trace(alias)
         kept = trace_query(edited, EDITS[0]["prompt"], max_new_tokens=2)
         assert kept["edit_applied"] and "applied" in format_trace(kept)
+        # the margin rule alone: edit 1's relation asked of edit 0's subject is refused, and the trace says so
+        check.threshold.fill_(-1.0)
+        check.margin.fill_(0.0)
+        other = trace_query(edited, "The official religion of Danielle Darrieux is", max_new_tokens=2)
+        assert [e["case_id"] for e in other["relation_check"]["subject_edits"]] == [EDITS[0]["case_id"]]
+        assert not other["edit_applied"] and other["relation_check"]["prompt_similarity"] > 0.99
+        assert "another edit's prompt is nearer" in format_trace(other)
+        assert trace_query(edited, EDITS[0]["prompt"], max_new_tokens=2)["edit_applied"]
     finally:
         gate.epsilon.copy_(saved[0])
         gate.tau.copy_(saved[1])
         check.threshold.copy_(saved[2])
+        check.margin.fill_(float("nan"))
