@@ -171,8 +171,8 @@ class MeGHyperParams:
     # calibration queries: "edits" (the edits' held-out views vs their same-subject near misses), "pool" (pool
     # pseudo-edits' own rephrasings vs their same-subject near misses: real paraphrases, for any edit set) or "both"
     relation_calibration: str = "both"
-    # None: off; m: also refuse a query whose masked text lies more than m closer to another edit's masked prompt than
-    # to the named edit's views (it asks a relation that the batch edits elsewhere)
+    # None: off; m: also refuse a query whose masked text lies more than m closer to another edit's masked prompt of
+    # another relation than to the named edit's views and relation (it asks a relation that the batch edits elsewhere)
     relation_margin: float | None = None
 
     eval_batch_size: int = 32

@@ -76,13 +76,12 @@ class RelationCheck(nn.Module):
         self.register_buffer("margin", torch.tensor(float("nan")))
 
     @torch.no_grad()
-    def prompt_similarity(self, emb: torch.Tensor, edits: list[int]) -> tuple[float, float]:
-        """For one masked embedding (dim,): its best cosine similarity to the masked prompts of other relations than
-        those of ``edits``, and to those of their relations (-2 when none). Both come from the same keys, so a query
-        worded as its own edit's prompt ties exactly."""
+    def prompt_similarity(self, sims: torch.Tensor, edits: list[int]) -> tuple[float, float]:
+        """From one masked query's similarities to every prompt key (n_prompts,): the best among prompts of other
+        relations than those of ``edits``, and among those of their relations (-2 when none). Both come from the same
+        keys, so a query worded as its own edit's prompt ties exactly."""
         rows = [int(i) for i in self.prompt_of_edit[edits].tolist() if i >= 0]
-        mine = torch.isin(self.prompt_family, self.prompt_family[rows])
-        sims = self.prompt_keys.float() @ emb.to(self.keys.device).float()
+        mine = torch.isin(self.prompt_family, self.prompt_family[rows]).to(sims.device)
         best = lambda m: float(sims[m].max()) if bool(m.any()) else -2.0  # noqa: E731
         return best(~mine), best(mine)
 
@@ -110,28 +109,31 @@ class RelationCheck(nn.Module):
         out = []
         pending = []  # (row, masked text, edits)
         margin = float(self.margin)
+        margin_on = margin == margin  # NaN: step 5 off
         for i, (text, near) in enumerate(zip(texts, self.nearest_edits(emb, gate_keys, gate_key_edit))):
             named = [e for e in near if find_subject(text, self.subjects[e]) >= 0]
             out.append({"nearest_edits": near, "subject_edits": named, "relation_text": None, "similarity": None,
                         "threshold": float(self.threshold), "allowed": True})
-            if margin == margin:  # step 5 on
+            if margin_on:
                 out[-1].update(prompt_similarity=None, margin=margin)
             if named:
                 masked = {relation_text(text, self.subjects[e]) for e in named}
                 pending += [(i, m, named) for m in masked]
         if pending:
             masked_emb = embed(encoder, [m for _, m, _ in pending])
-            for (i, m, named), row in zip(pending, masked_emb):
+            # every pending text against every prompt key in one product (step 5 only)
+            prompt_sims = masked_emb.to(self.keys.device).float() @ self.prompt_keys.float().T if margin_on else None
+            for k, ((i, m, named), row) in enumerate(zip(pending, masked_emb)):
                 sim = float(self.similarity_to_edit(row[None].expand(len(named), -1), named).max())
                 if out[i]["similarity"] is None or sim > out[i]["similarity"]:
                     out[i].update(relation_text=m, similarity=sim)
-                    if margin == margin:
-                        other, own_prompt = self.prompt_similarity(row, named)
+                    if margin_on:
+                        other, own_prompt = self.prompt_similarity(prompt_sims[k], named)
                         out[i].update(prompt_similarity=other, own_similarity=max(sim, own_prompt))
             for o in out:
                 if o["similarity"] is not None:
                     o["allowed"] = o["similarity"] >= o["threshold"]
-                    if margin == margin:  # another edited relation is nearer than the named edit's own
+                    if margin_on:  # another edited relation is nearer than the named edit's own
                         o["allowed"] = o["allowed"] and o["own_similarity"] + margin >= o["prompt_similarity"]
         return out
 
