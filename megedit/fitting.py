@@ -67,17 +67,29 @@ def _group_mean(values: torch.Tensor, index: torch.Tensor, n: int) -> torch.Tens
 GRADIENT_INIT_NORMS = (1.5, 2.0, 2.5, 3.0, 4.0, 6.0)
 
 
-def _answer_loss(stack, seq_edit, tok_seq, tok_pos, tok_ids, E, W=None):
-    """Each edit's mean answer cross-entropy over its views, with neurons ``W`` (E, P) active (None: none)."""
-    batch = None if W is None else NeuronBatch(torch.arange(len(seq_edit), device=W.device), W[seq_edit], len(seq_edit))
+def _answer_loss(stack, seq_edit, tok_seq, tok_pos, tok_ids, E, W=None, seqs=None):
+    """Each edit's mean answer cross-entropy over its views (E,), with neurons ``W`` (E, P) active (None: none).
+
+    ``seqs``: replay only these sequences (an edit with none of its views among them gets 0); None: all.
+    """
+    if seqs is None:
+        seqs, rows = torch.arange(len(seq_edit), device=seq_edit.device), None
+    else:
+        rows = seqs
+    local = torch.full((len(seq_edit),), -1, dtype=torch.long, device=seq_edit.device)
+    local[seqs] = torch.arange(len(seqs), device=seq_edit.device)
+    keep = local[tok_seq] >= 0
+    batch = None if W is None else NeuronBatch(torch.arange(len(seqs), device=W.device), W[seq_edit[seqs]], len(seqs))
     with active_neurons(batch):
-        logits = stack.logits(stack.forward_hidden(stack.hidden), tok_seq, tok_pos)
-    ce = F.cross_entropy(logits.float(), tok_ids, reduction="none")
-    return _group_mean(_group_mean(ce, tok_seq, len(seq_edit)), seq_edit, E)
+        hidden = stack.forward_hidden(stack.hidden if rows is None else stack.hidden[rows], rows=rows)
+    logits = stack.logits(hidden, local[tok_seq[keep]], tok_pos[keep])
+    ce = F.cross_entropy(logits.float(), tok_ids[keep], reduction="none")
+    return _group_mean(_group_mean(ce, local[tok_seq[keep]], len(seqs)), seq_edit[seqs], E)
 
 
 def gradient_init(stack, mlp, seq_edit, tok_seq, tok_pos, tok_ids, E, d, stop_loss):
-    """A starting neuron per edit from one backward pass of the unedited model (gated form: adds (x·w_in)·w_out).
+    """A starting neuron per edit, and its loss, from one backward pass of the unedited model (gated form: adds
+    (x·w_in)·w_out).
 
     To first order the answer loss changes by Σ_t (x_t·w_in)(g_t·w_out), x_t the MLP input and g_t the loss gradient at
     the MLP output of tail position t; the steepest rank-one descent is the top singular pair (u, v) of Σ_t x_t g_tᵀ,
@@ -94,9 +106,11 @@ def gradient_init(stack, mlp, seq_edit, tok_seq, tok_pos, tok_ids, E, d, stop_lo
     handle = mlp.register_forward_hook(add_probe)
     try:
         with torch.enable_grad():
-            _answer_loss(stack, seq_edit, tok_seq, tok_pos, tok_ids, E).sum().backward()
+            base_loss = _answer_loss(stack, seq_edit, tok_seq, tok_pos, tok_ids, E)
+            base_loss.sum().backward()
     finally:
         handle.remove()
+    base_loss = base_loss.detach()  # the probe adds zeros: this is the unedited model's loss
     g = grads[0].grad.float() * stack.tail_mask.float()[..., None]  # (S, T, d); padding carries no gradient anyway
     x = stack.tail_mlp_in.float()
     row_edit = seq_edit.repeat_interleave(x.shape[1])
@@ -113,22 +127,23 @@ def gradient_init(stack, mlp, seq_edit, tok_seq, tok_pos, tok_ids, E, d, stop_lo
         v = normalize(times(g, x, times(x, g, v)), dim=1)
     u = normalize(times(x, g, v), dim=1)
     sigma = (times(x, g, v) * u).sum(1)  # uᵀ M v: the loss falls by ≈ s²σ at norm s
-    with torch.no_grad():
-        base_loss = _answer_loss(stack, seq_edit, tok_seq, tok_pos, tok_ids, E)
     s0 = (base_loss / sigma.clamp_min(1e-12)).sqrt()  # (E,)
     direction = torch.cat([u, -v], dim=1)  # (E, 2d): each half of unit norm
     # the smallest norm whose loss meets the stopping rule (a stronger neuron than needed disturbs more when
-    # misrouted); the lowest loss where none does
+    # misrouted); the lowest loss where none does. Each norm replays only the views of edits still unmet.
     chosen = s0 * GRADIENT_INIT_NORMS[-1]
     best_loss = torch.full((E,), float("inf"), device=x.device)
     met = torch.zeros(E, dtype=torch.bool, device=x.device)
     for m in GRADIENT_INIT_NORMS:
+        seqs = torch.nonzero(~met[seq_edit]).squeeze(1)
+        if not len(seqs):
+            break
         with torch.no_grad():
-            loss = _answer_loss(stack, seq_edit, tok_seq, tok_pos, tok_ids, E, direction * (m * s0[:, None]))
+            loss = _answer_loss(stack, seq_edit, tok_seq, tok_pos, tok_ids, E, direction * (m * s0[:, None]), seqs)
         take = ~met & ((loss < stop_loss) | (loss < best_loss))
         chosen[take], best_loss[take] = m * s0[take], loss[take]
-        met |= loss < stop_loss
-    return direction * chosen[:, None]
+        met |= take & (loss < stop_loss)
+    return direction * chosen[:, None], best_loss
 
 
 def _fit_chunk(model, tok, neuron, mlp, layer, views, targets, init, hp):
@@ -155,27 +170,21 @@ def _fit_chunk(model, tok, neuron, mlp, layer, views, targets, init, hp):
         tail = (a_tail * tmask[seqs]).sum(1) / tmask[seqs].sum(1).clamp_min(1)
         return pre / (tail + 1e-6)
 
+    loss_now = torch.full((E,), float("inf"), device=device)
     if hp.fit_init == "gradient" and neuron.form == "gated":
-        start = gradient_init(stack, mlp, seq_edit, tok_seq, tok_pos, tok_ids, E, d, hp.fit_stop_loss)
+        start, loss_now = gradient_init(stack, mlp, seq_edit, tok_seq, tok_pos, tok_ids, E, d, hp.fit_stop_loss)
     else:
         start = init.to(device).repeat(E, 1)
     W = start.clone().requires_grad_(True)
     opt = torch.optim.Adam([W], lr=hp.fit_lr)
-    active = torch.ones(E, dtype=torch.bool, device=device)
-    loss_now = torch.full((E,), float("inf"), device=device)
+    active = ~(loss_now < hp.fit_stop_loss)  # a start that already meets the stopping rule is kept as it is
     taken = torch.zeros(E, dtype=torch.long, device=device)
     for _ in range(hp.fit_steps):
+        if not active.any():
+            break
         seqs = torch.nonzero(active[seq_edit]).squeeze(1)  # sequences of edits still being fitted
-        local = torch.full((len(seq_edit),), -1, dtype=torch.long, device=device)
-        local[seqs] = torch.arange(len(seqs), device=device)
-        keep = local[tok_seq] >= 0
         w_seq = W[seq_edit[seqs]]
-        with active_neurons(NeuronBatch(torch.arange(len(seqs), device=device), w_seq, len(seqs))):
-            hidden = stack.forward_hidden(stack.hidden[seqs], rows=seqs)
-        logits = stack.logits(hidden, local[tok_seq[keep]], tok_pos[keep])
-        ce = F.cross_entropy(logits.float(), tok_ids[keep], reduction="none")
-        per_seq = _group_mean(ce, local[tok_seq[keep]], len(seqs))
-        per_edit = _group_mean(per_seq, seq_edit[seqs], E)
+        per_edit = _answer_loss(stack, seq_edit, tok_seq, tok_pos, tok_ids, E, W, seqs)
         fitted = torch.unique(seq_edit[seqs])
         loss_now[fitted] = per_edit[fitted].detach()
         active &= ~(loss_now < hp.fit_stop_loss)  # met the stopping rule with the current weights: keep them

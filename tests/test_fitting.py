@@ -235,8 +235,9 @@ def test_gradient_init_is_the_first_order_best_direction(gpt2_tokenizer):
     seq_edit = torch.zeros(len(views), dtype=torch.long)
     mlp = decoder_layers(model)[1].mlp
     args = (stack, seq_edit, tok_seq, tok_pos, batch.labels[tok_seq, tok_pos])
-    start = gradient_init(stack, mlp, *args[1:], 1, hidden_size(model), 0.01)
+    start, start_loss = gradient_init(stack, mlp, *args[1:], 1, hidden_size(model), 0.01)
     loss = _answer_loss(*args, 1, start)
+    torch.testing.assert_close(start_loss, loss)  # the loss it reports is the start's
     d = hidden_size(model)
     g = torch.Generator().manual_seed(0)
     norm = start[0, :d].norm()
