@@ -20,7 +20,9 @@ import hashlib
 import json
 import math
 import multiprocessing
+import os
 import random
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -175,12 +177,24 @@ def fingerprint(cfg: RunConfig, method: Method, n: int) -> str:
     return hashlib.sha1(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def exit_with_parent(parent: int, poll_s: float = 1.0) -> None:
+    """Worker initializer: end this process once ``parent`` is gone, so that a killed ``megedit run`` does not leave
+    its method running on (a busy worker reads nothing from the pool until its task ends)."""
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
 def run_isolated(method: Method, requests: list[dict], cfg: RunConfig, log_path: Path, progress: bool = True) -> dict:
     """``run_method`` in a fresh process (``cfg.isolate``): its peak memory is its own, not the largest of every
     method run before it in this process, and nothing it loads or caches is seen by the next method."""
     if not cfg.isolate:
         return run_method(method, requests, cfg, log_path, progress)
-    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=exit_with_parent, initargs=(os.getpid(),)) as pool:
         return pool.submit(run_method, method, requests, cfg, log_path, progress).result()
 
 

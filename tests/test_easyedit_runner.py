@@ -181,3 +181,44 @@ def test_drop_conflicts_leaves_out_later_conflicting_records(config, tmp_path, m
         path.write_text(yaml.safe_dump({**raw, "data": {"path": str(data), **bad}}))
         with pytest.raises(ValueError, match=match):
             runner.load_config(path)
+
+
+PARENT = """
+import multiprocessing, os, sys, time
+from concurrent.futures import ProcessPoolExecutor
+from megedit.runner import exit_with_parent
+if __name__ == "__main__":
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), initializer=exit_with_parent,
+                             initargs=(os.getpid(), 0.2)) as pool:
+        print(pool.submit(os.getpid).result(), flush=True)
+        pool.submit(time.sleep, 120).result()
+"""
+
+
+def test_an_isolated_worker_ends_with_its_killed_parent(tmp_path):
+    """Killing `megedit run` must not leave its method's worker process running on."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "parent.py"
+    script.write_text(PARENT)
+    parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    try:
+        worker = int(parent.stdout.readline())
+        os.kill(worker, 0)  # alive while the parent is
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+        deadline = time.time() + 20
+        while time.time() < deadline:
+            try:
+                os.kill(worker, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.2)
+        os.kill(worker, signal.SIGKILL)
+        pytest.fail("the worker outlived its parent")
+    finally:
+        parent.kill()
