@@ -7,7 +7,8 @@ import pytest
 from megedit.runner import load_config, method_hparams
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = sorted([*ROOT.glob("examples/*.yaml"), *ROOT.glob("examples/sweeps/*.yaml"), *ROOT.glob("bench/configs/*.yaml")])
+SWEEPS = sorted(ROOT.glob("examples/sweeps/*.yaml"))
+CONFIGS = sorted([*ROOT.glob("examples/*.yaml"), *SWEEPS, *ROOT.glob("bench/configs/*.yaml")])
 REPORTED = ("counterfact/counterfact-edit.json", "zsre/zsre_mend_edit_portability.json")
 
 
@@ -22,7 +23,7 @@ def test_a_shipped_config_loads_with_every_setting_it_sets(path, monkeypatch):
             assert getattr(hp, key) == value, (method.name, key)
 
 
-@pytest.mark.parametrize("path", sorted(ROOT.glob("examples/sweeps/*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.name)
 def test_a_sweep_chooses_on_validation_data(path, monkeypatch):
     monkeypatch.chdir(ROOT)
     cfg = load_config(path)
