@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from megedit import apply_meg_to_model, evaluate_requests, load_model, load_requests, locality_reference
-from megedit.cli_edit import parse_overrides
+from megedit.cli_edit import evaluation_sample, parse_overrides
 from megedit.data import drop_conflicts, validate_requests
 from megedit.hparams import MeGHyperParams
 from megedit.keep import provenance
@@ -79,6 +79,8 @@ def main(argv=None) -> None:
     ap.add_argument("--n", type=int, required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--checkpoint-dir", required=True)
+    ap.add_argument("--eval-n", type=int, help="score a uniform sample of this many edits (as megedit edit's --eval-n); "
+                    "every variant trains on all of them")
     ap.add_argument("variants", nargs="+", help='NAME "key=value key=value" pairs ("" for the base)')
     args = ap.parse_args(argv)
     if len(args.variants) % 2:
@@ -90,13 +92,15 @@ def main(argv=None) -> None:
     out = Path(args.out)
     requests, _ = drop_conflicts(load_requests(args.format, args.data, n=args.n, split=args.split))
     requests = validate_requests(requests, need_subject=MEG_NEEDS_SUBJECT)
+    scored = evaluation_sample(requests, args.eval_n, hp0.seed)  # bad --eval-n fails here, before the model loads
     model, tok = load_model(hp0)
-    edit_set = "_".join(filter(None, (Path(args.data).stem, args.split, f"n{args.n}")))  # the unedited answers' key
+    edit_set = "_".join(filter(None, (Path(args.data).stem, args.split, f"n{args.n}",
+                                      args.eval_n and f"eval{args.eval_n}")))  # the unedited answers' key
     ref_path = Path(args.checkpoint_dir).expanduser() / f"locality_reference_{edit_set}.pt"
     if ref_path.exists():
         reference = torch.load(ref_path)
     else:
-        reference = locality_reference(model, tok, requests, hp0.eval_batch_size)
+        reference = locality_reference(model, tok, scored, hp0.eval_batch_size)
         ref_path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(reference, ref_path)
     for name, sets in variants:
@@ -106,7 +110,8 @@ def main(argv=None) -> None:
             continue
         hp = MeGHyperParams.from_dict({**hp0.to_dict(), **parse_overrides(sets.split()),
                                        "checkpoint_dir": args.checkpoint_dir}, source=name)
-        record = {"variant": name, "settings": sets, "data": args.data, "n": len(requests), **provenance()}
+        record = {"variant": name, "settings": sets, "data": args.data, "n": len(requests), "n_scored": len(scored),
+                  **provenance()}
         before, t0 = stage_folders(args.checkpoint_dir), time.time()
         try:
             edited, _ = apply_meg_to_model(model, tok, requests, hp, progress=False)
@@ -114,7 +119,7 @@ def main(argv=None) -> None:
             write_json(path, {**record, "error": str(e)})
             continue
         train_s, t0 = time.time() - t0, time.time()
-        post = evaluate_requests(edited, tok, requests, reference, hp.eval_batch_size, progress=False)
+        post = evaluate_requests(edited, tok, scored, reference, hp.eval_batch_size, progress=False)
         report = edited.report
         write_json(path, {**record, "post": post["summary"], "report": report,
                           "trained_stages": trained(before, stage_folders(args.checkpoint_dir)),

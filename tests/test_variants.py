@@ -49,3 +49,15 @@ def test_knowedit_kinds_get_columns_only_where_the_data_has_them(tmp_path):
     cf = {**record, "variant": "cf", "post": SUMMARY}
     (tmp_path / "cf" / "results.json").write_text(json.dumps(cf))
     assert "Relation_Specificity" not in table(tmp_path)
+
+
+def test_a_bad_eval_n_fails_before_the_model_loads(tmp_path, monkeypatch):
+    import pytest
+    import variants
+    from conftest import write_counterfact_edits
+
+    data = write_counterfact_edits(tmp_path / "edits.json")
+    monkeypatch.setattr(variants, "load_model", lambda hp: pytest.fail("the model loaded before --eval-n was checked"))
+    with pytest.raises(ValueError, match="--eval-n must be between 1 and the number of edits"):
+        variants.main(["hparams/MeG/smollm2-135m.yaml", "--data", str(data), "--n", "2", "--eval-n", "5",
+                       "--out", str(tmp_path / "out"), "--checkpoint-dir", str(tmp_path / "ck"), "base", ""])
