@@ -107,6 +107,21 @@ def model_config(model_name: str):
                          "builtin (smollm2-135m), a local model folder or a hub id") from None
 
 
+def peak_memory_of_ranks(memory) -> dict:
+    """The run's peak memory from every rank's ``PeakMemory``: on a GPU the largest device's peak, on a CPU the sum of
+    the processes' resident peaks (they share the machine's memory; the sum bounds it from above)."""
+    from . import distributed
+
+    per_rank = distributed.all_gather_objects((memory.peak_rss, memory.peak_cuda))
+    rss = [r / 2**30 for r, _ in per_rank]
+    cuda = [c / 2**30 for _, c in per_rank if c is not None]
+    if cuda:
+        return {"peak_gb": max(cuda), "what": "largest GPU's allocated peak", "cuda_gb_per_rank": cuda,
+                "rss_gb_per_rank": rss}
+    what = "resident" if len(rss) == 1 else f"sum of {len(rss)} processes' resident peaks"
+    return {"peak_gb": sum(rss), "what": what, "rss_gb_per_rank": rss}
+
+
 def evaluation_sample(requests: list[dict], eval_n: int | None, seed: int) -> list[dict]:
     """The requests to evaluate: all of them, or ``eval_n`` drawn uniformly with ``seed``, in edit order."""
     if eval_n is None or eval_n == len(requests):
@@ -125,6 +140,7 @@ def main(args) -> int:
     from .loading import check_device
     from .meg_main import MEG_NEEDS_SUBJECT, load_pool
     from .paths import check_results_folder, check_writable_folder
+    from .peak_memory import PeakMemory
     from .probe import gate_probe
 
     distributed.init()  # under a launcher: join the other processes (nothing in a single process)
@@ -175,28 +191,31 @@ def main(args) -> int:
         from .probe import locality_prompts
 
         questions = [p for r in load_requests("auto", args.probe_questions) for p in locality_prompts(r)]
-    started = time.time()
-    model, tok = load_model(hp)
-    check_layer(model, hp.layer)
-    load_s = time.time() - started
+    with PeakMemory() as memory:
+        started = time.time()
+        model, tok = load_model(hp)
+        check_layer(model, hp.layer)
+        load_s = time.time() - started
 
-    # train first, then evaluate the base model: a run resumed from its checkpoint over several sessions spends no
-    # time on evaluation until training is done. The base model answers as before: the neuron is off outside
-    # MeGModel calls.
-    edited, _ = apply_meg_to_model(model, tok, requests, hp)
-    if args.save and distributed.is_main():
-        edited.save_pretrained(args.save)  # before evaluation: a crash there does not lose the edit
-    # under a launcher each rank scores every ranks-th evaluated request, and rank 0 gathers them
-    ranks, main = distributed.world_size(), distributed.is_main()
-    mine = evaluated[distributed.rank()::ranks]
-    t0 = time.time()
-    reference = locality_reference(model, tok, mine, hp.eval_batch_size)
-    pre = gathered(evaluate_requests(model, tok, mine, reference, hp.eval_batch_size, progress=main), len(evaluated))
-    pre_s = time.time() - t0
-    t0 = time.time()
-    post = gathered(evaluate_requests(edited, tok, mine, reference, hp.eval_batch_size, progress=main),
-                    len(evaluated))
-    post_s = time.time() - t0
+        # train first, then evaluate the base model: a run resumed from its checkpoint over several sessions spends
+        # no time on evaluation until training is done. The base model answers as before: the neuron is off outside
+        # MeGModel calls.
+        edited, _ = apply_meg_to_model(model, tok, requests, hp)
+        if args.save and distributed.is_main():
+            edited.save_pretrained(args.save)  # before evaluation: a crash there does not lose the edit
+        # under a launcher each rank scores every ranks-th evaluated request, and rank 0 gathers them
+        ranks, main = distributed.world_size(), distributed.is_main()
+        mine = evaluated[distributed.rank()::ranks]
+        t0 = time.time()
+        reference = locality_reference(model, tok, mine, hp.eval_batch_size)
+        pre = gathered(evaluate_requests(model, tok, mine, reference, hp.eval_batch_size, progress=main),
+                       len(evaluated))
+        pre_s = time.time() - t0
+        t0 = time.time()
+        post = gathered(evaluate_requests(edited, tok, mine, reference, hp.eval_batch_size, progress=main),
+                        len(evaluated))
+        post_s = time.time() - t0
+    peak = peak_memory_of_ranks(memory)  # every rank takes part
     if not main:
         return 0
     report = edited.report
@@ -220,6 +239,7 @@ def main(args) -> int:
           f"({', '.join(f'{k} {v}' for k, v in leakage['left_out'].items() if v) or 'none'})")
     print("\nseconds: " + ", ".join(f"{k} {v:.1f}" for k, v in
                                    {"load": load_s, "pre-eval": pre_s, **report["seconds"], "post-eval": post_s}.items()))
+    print(f"peak memory: {peak['peak_gb']:.2f} GB ({peak['what']})")
     out = Path(args.out) / "results.json"
     write_json(out, {"method": "MeG", "hparams": hp.to_dict(), "seed": hp.seed, "data": str(args.data),
                      "n": len(requests), "offset": args.offset, "split": args.split,
@@ -229,21 +249,22 @@ def main(args) -> int:
                      "environment": environment(),
                      "pre": pre["summary"], "post": post["summary"], "report": report,
                      "training_texts_left_out": report["leakage"],
-                     "per_request_post": post["per_request"],
+                     "per_request_post": post["per_request"], "peak_memory": peak,
                      "seconds": {"load": load_s, "pre_eval": pre_s, **report["seconds"], "post_eval": post_s}})
     print(f"results: {out}")
     if args.keep:
-        print(f"kept: {keep_edit_result(args, hp, requests, evaluated, pre, post, report, load_s, pre_s, post_s)}/results.md")
+        print(f"kept: {keep_edit_result(args, hp, requests, evaluated, pre, post, report, load_s, pre_s, post_s, peak)}"
+              "/results.md")
     return 0
 
 
-def keep_edit_result(args, hp, requests, evaluated, pre, post, report, load_s, pre_s, post_s):
+def keep_edit_result(args, hp, requests, evaluated, pre, post, report, load_s, pre_s, post_s, peak):
     """The run as a kept result (``megedit.keep``): one MeG row, its gate's rates per query kind, its stage times."""
     from .keep import keep
 
     metrics = {k: v for k, v in post["summary"].items() if k in (*METRICS, "score")}
     row = {"method": "MeG", "n": len(requests), "n_evaluated": len(evaluated), "data": str(args.data), **metrics,
-           "edit_s": sum(report["seconds"].values())}
+           "edit_s": sum(report["seconds"].values()), "peak_gb": peak["peak_gb"]}
     per_kind = {f"{k} (post)": v for k, v in post["summary"].items() if k not in (*METRICS, "score")}
     per_kind.update({f"gate familiar: {k}": v for k, v in report["gate_probe"]["familiar_rate"].items()})
     return keep(args.keep, Path(args.keep).name, [row], hp.seed, {"MeG": {"hparams_file": args.hparams,
@@ -252,5 +273,6 @@ def keep_edit_result(args, hp, requests, evaluated, pre, post, report, load_s, p
                                             "post_eval": post_s}},
                 extra={"pre": {"MeG": pre["summary"]}, "training_texts_left_out": {"MeG": report["leakage"]},
                        "evaluated_case_ids": [r.get("case_id") for r in evaluated],
-                       "gate": {"MeG": report.get("gate")}, "fit": {"MeG": report.get("fit")}},
+                       "gate": {"MeG": report.get("gate")}, "fit": {"MeG": report.get("fit")},
+                       "peak_memory": {"MeG": peak}},
                 command=getattr(args, "command_line", None), git=args.git_at_start)

@@ -197,6 +197,10 @@ def test_edit_saves_the_edit_and_records_the_seed(tmp_path, capsys):
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert results["seed"] == 3 and results["hparams"]["seed"] == 3 and results["report"]["seed"] == 3
     assert results["saved_edit"] == str(tmp_path / "edit")
+    # one process: its resident peak, at least the loaded model's weights
+    peak = results["peak_memory"]
+    assert peak["what"] == "resident" and peak["peak_gb"] == peak["rss_gb_per_rank"][0] > 0
+    assert f"peak memory: {peak['peak_gb']:.2f} GB" in capsys.readouterr().out
     model, tok = load_model(str(model_dir))
     edited = MeGModel.from_pretrained(model, tok, tmp_path / "edit")
     assert edited.edit.hparams.seed == 3 and edited.edit.base_fingerprint["model_type"] == "llama"

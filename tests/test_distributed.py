@@ -21,9 +21,11 @@ from test_cli import edits_file, tiny_model_dir, tiny_yaml
 from tiny_meg import EDITS, pool_file, stage_dir
 
 WORKER = Path(__file__).resolve().parent / "dp_worker.py"
-# gate and generator under data parallelism: gradient sums reassociate. Measured: 6e-7 on the generator's parameters,
-# 6e-8 on its samples, 2e-6 on the gate's
+# gate and generator under data parallelism: gradient sums reassociate. Measured on an AVX2 CPU: 6e-7 on the
+# generator's parameters, 6e-8 on its samples, 2e-6 on the gate's; on an AVX-512 CPU the gate's reached 3.1e-5
+# (other matmul kernels, hence other rounding), so the gate gets a looser bound
 DP_TOLERANCE = 1e-5
+GATE_TOLERANCE = 1e-4
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # conftest: tiny models run fastest on one thread
@@ -83,7 +85,7 @@ def test_two_processes_equal_one(tmp_path):
 
     # the result of one process: neuron fits do not depend on the rank, the generator up to float rounding
     assert torch.equal(ranks[0]["neurons"], single["neurons"]) and torch.equal(ranks[0]["ok"], single["ok"])
-    assert max_diff(ranks[0]["familiarity"], single["familiarity"]) < DP_TOLERANCE
+    assert max_diff(ranks[0]["familiarity"], single["familiarity"]) < GATE_TOLERANCE
     assert max_diff(ranks[0]["generator"], single["generator"]) < DP_TOLERANCE
     assert max_diff(ranks[0]["samples"], single["samples"]) < DP_TOLERANCE
     assert abs(ranks[0]["gen_loss"] - single["gen_loss"]) < DP_TOLERANCE
@@ -110,10 +112,12 @@ def test_megedit_edit_under_torchrun_equals_one_process(tmp_path, capsys):
 
     one, two = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("one", "two"))
     assert two["report"]["world_size"] == 2 and "world_size" not in one["report"]
+    rss = two["peak_memory"]["rss_gb_per_rank"]  # both processes' peaks, summed: they share the machine
+    assert len(rss) == 2 and min(rss) > 0 and two["peak_memory"]["peak_gb"] == sum(rss)
     for key in ("pre", "post", "per_request_post"):
         assert one[key] == two[key], key
     assert abs(one["report"]["generator"]["loss"] - two["report"]["generator"]["loss"]) < DP_TOLERANCE
-    for part, tolerance in (("generator", DP_TOLERANCE), ("familiarity", DP_TOLERANCE), ("encoder/model", 0)):
+    for part, tolerance in (("generator", DP_TOLERANCE), ("familiarity", GATE_TOLERANCE), ("encoder/model", 0)):
         saved = [load_file(tmp_path / d / f"{part}.safetensors") for d in ("one-edit", "two-edit")]
         assert max_diff(*saved) <= tolerance, part
 
