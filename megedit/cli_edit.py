@@ -111,15 +111,15 @@ def peak_memory_of_ranks(memory) -> dict:
     """The run's peak memory from every rank's ``PeakMemory``: on a GPU the largest device's peak, on a CPU the sum of
     the processes' resident peaks (they share the machine's memory; the sum bounds it from above)."""
     from . import distributed
+    from .peak_memory import reported_gb
 
     per_rank = distributed.all_gather_objects((memory.peak_rss, memory.peak_cuda))
     rss = [r / 2**30 for r, _ in per_rank]
     cuda = [c / 2**30 for _, c in per_rank if c is not None]
+    peak = {"peak_gb": reported_gb(sum(rss), max(cuda) if cuda else None), "rss_gb_per_rank": rss}
     if cuda:
-        return {"peak_gb": max(cuda), "what": "largest GPU's allocated peak", "cuda_gb_per_rank": cuda,
-                "rss_gb_per_rank": rss}
-    what = "resident" if len(rss) == 1 else f"sum of {len(rss)} processes' resident peaks"
-    return {"peak_gb": sum(rss), "what": what, "rss_gb_per_rank": rss}
+        return {**peak, "what": "largest GPU's allocated peak", "cuda_gb_per_rank": cuda}
+    return {**peak, "what": "resident" if len(rss) == 1 else f"sum of {len(rss)} processes' resident peaks"}
 
 
 def evaluation_sample(requests: list[dict], eval_n: int | None, seed: int) -> list[dict]:

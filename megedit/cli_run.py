@@ -63,6 +63,7 @@ def keep_run_result(folder, cfg, records: list[dict], command: str | None = None
     from pathlib import Path
 
     from .keep import keep
+    from .peak_memory import reported_gb
     from .records import REPORTABLE
 
     rows, config, per_kind, seconds = [], {}, {}, {}
@@ -70,7 +71,7 @@ def keep_run_result(folder, cfg, records: list[dict], command: str | None = None
         key = f"{r['method']} n={r['n']}"
         rows.append({"method": r["method"], "n": r["n"], "data": str(cfg.data_path),
                      **{m: v for m, v in r["summary"].items() if m in REPORTABLE}, "edit_s": r["edit_seconds"],
-                     "peak_gb": r["peak_rss_gb"] if r.get("peak_cuda_gb") is None else r["peak_cuda_gb"],
+                     "peak_gb": reported_gb(r["peak_rss_gb"], r.get("peak_cuda_gb")),
                      "easyedit": r["easyedit"], "z_reused": r.get("z_reused", 0),
                      "resumed": bool((r.get("meg_report") or {}).get("resumed")),
                      "easyedit_api": r.get("easyedit_api"),

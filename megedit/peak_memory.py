@@ -39,3 +39,8 @@ class PeakMemory:
         self._thread.join()
         self.peak_rss = max(self.peak_rss, self._rss())
         self.peak_cuda = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
+
+
+def reported_gb(rss_gb: float, cuda_gb: float | None) -> float:
+    """The peak a run reports: its GPUs' where it ran on them (the model lives there), else resident memory."""
+    return rss_gb if cuda_gb is None else cuda_gb

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from .evaluate import kind_metrics
+from .peak_memory import reported_gb
 
 TITLES = {"rel_tf": "Rel TF", "rel_ag": "Rel AG", "gen_tf": "Gen TF", "gen_ag": "Gen AG", "loc_tf": "Loc TF",
           "loc_ag": "Loc AG", "score": "Score", "ee_rewrite": "EE rewrite", "ee_rephrase": "EE rephrase",
@@ -37,7 +38,7 @@ def result_row(record: dict, metrics: list[str]) -> dict:
     ee = record["easyedit"]
     row.update({"ee_rewrite": ee["post_rewrite_acc"], "ee_rephrase": ee["post_rephrase_acc"],
                 "ee_locality": ee["post_locality_acc"], "edit_s": record["edit_seconds"],
-                "peak_gb": record["peak_rss_gb"] if record.get("peak_cuda_gb") is None else record["peak_cuda_gb"]})
+                "peak_gb": reported_gb(record["peak_rss_gb"], record.get("peak_cuda_gb"))})
     return row
 
 
