@@ -28,6 +28,21 @@ from . import distributed
 from .dit import DiT
 from .training import TrainingState, backward_on_shard, start_in_sync
 
+# the divergence check averages the epoch losses of at least this many training rows: the loss of one row swings with
+# its random timestep and noise, and a mean over this many keeps those swings far below the rise the check looks for
+DIVERGENCE_ROWS = 2000
+
+
+def loss_rose(losses: list[float], window: int, ratio: float) -> bool:
+    """Whether the mean of the last ``window`` epoch losses is above ``ratio`` times the lowest such mean before it
+    (never with ``ratio`` 0). A generator whose learning rate is too high for its number of edits shows it this way
+    long before its schedule ends: at 9,921 CounterFact edits, gen_lr 4e-3 went from 0.70 to 0.98 between epochs 42
+    and 55 (bench/results/counterfact_meg_10k_lr4e-3_stopped)."""
+    if ratio <= 0 or len(losses) <= window:
+        return False
+    means = [sum(losses[i - window:i]) / window for i in range(window, len(losses) + 1)]
+    return means[-1] > ratio * min(means[:-1])
+
 
 class MLPGenerator(nn.Module):
     """The paper's no-diffusion ablation: query embedding -> normalised weight vector in one forward pass."""
@@ -102,6 +117,8 @@ class NeuronGenerator(nn.Module):
         sampled for them (1: no better than the mean target) is recorded in "curve" (training is unchanged); with
         ``hp.gen_stop_patience`` > 0, training stops once that many records in a row fail to improve on the best by
         ``hp.gen_stop_min_delta``.
+        With ``hp.gen_diverge_ratio`` > 0, training raises once its loss rises that many times above its best
+        (``loss_rose``; a resumed run checks from its resumed epoch on), before the state is saved.
         ``hp.gen_epoch_unit``: "views" (an epoch is one pass over every row of ``conds``) or "edits" (one row per
         edit, drawn at random among its rows, so every edit is seen once an epoch whatever its number of views).
         Returns {"loss": final epoch's mean loss, "seconds", "steps": optimiser steps, "epochs", "curve"}.
@@ -132,6 +149,7 @@ class NeuronGenerator(nn.Module):
         start = time.perf_counter()
         first_epoch, steps, epoch_loss = saved.get("epoch", 0), saved.get("steps", 0), saved.get("loss", math.nan)
         curve, epoch = list(saved.get("curve", [])), first_epoch - 1
+        losses, window = [], math.ceil(DIVERGENCE_ROWS / per_epoch)
         start_in_sync(self.net)
         self.net.train()
         bar = tqdm(range(first_epoch, epochs), initial=first_epoch, total=epochs, desc="stage 4: train generator",
@@ -157,6 +175,13 @@ class NeuronGenerator(nn.Module):
             if not math.isfinite(epoch_loss):  # checked before any checkpoint: a diverged state is never saved
                 raise RuntimeError(f"generator training diverged: loss {epoch_loss} in epoch "
                                    f"{epoch + 1}/{epochs} (lr {hp.gen_lr}); lower gen_lr or gen_target_scale")
+            losses.append(epoch_loss)
+            if loss_rose(losses, window, hp.gen_diverge_ratio):  # also before any checkpoint
+                raise RuntimeError(
+                    f"generator training diverged: its loss rose to {epoch_loss:.4f} in epoch {epoch + 1}/{epochs}, "
+                    f"over {hp.gen_diverge_ratio}x its best ({min(losses):.4f}), at gen_lr {hp.gen_lr} with "
+                    f"{per_epoch} rows an epoch. Lower gen_lr and run again: the stages before the generator are "
+                    f"read back from checkpoint_dir. (gen_diverge_ratio: 0 turns this check off.)")
             stop = False
             if (epoch + 1) % hp.checkpoint_gen_epochs == 0 or epoch + 1 == epochs:
                 point = {"epoch": epoch + 1, "steps": steps, "loss": epoch_loss}

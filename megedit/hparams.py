@@ -146,6 +146,9 @@ class MeGHyperParams:
     # 0: train all epochs. The LR schedule is still planned over all epochs.
     gen_stop_patience: int = 0
     gen_stop_min_delta: float = 0.0
+    # raise once the training loss (averaged over >= 2,000 rows) rises this many times above its best: a learning
+    # rate too high for the number of edits, found in minutes instead of at the end; 0: off. Not in checkpoint keys.
+    gen_diverge_ratio: float = 1.25
     gen_batch_size: int = 256
     gen_lr: float = 3e-4
     gen_weight_decay: float = 0.0
@@ -232,9 +235,12 @@ class MeGHyperParams:
                 raise HParamsError(f"hparams field {name!r} must be positive, got {getattr(self, name)!r}")
         # 0 is meaningful: every view / no floor / no stopping rule
         for name in ("fit_views", "gen_min_steps", "pseudo_edit_offset", "gen_stop_patience", "gen_stop_min_delta",
-                     "familiarity_patience", "familiarity_min_delta"):
+                     "gen_diverge_ratio", "familiarity_patience", "familiarity_min_delta"):
             if getattr(self, name) < 0:
                 raise HParamsError(f"hparams field {name!r} must be >= 0, got {getattr(self, name)!r}")
+        if 0 < self.gen_diverge_ratio <= 1:
+            raise HParamsError(f"gen_diverge_ratio must be 0 (off) or above 1, got {self.gen_diverge_ratio!r}: at "
+                               "or below 1 every epoch that is not a new best would stop training")
         if self.familiarity_patience and not self.familiarity_curve:
             raise HParamsError("familiarity_patience needs familiarity_curve: true (the held-out record it stops on)")
         if self.relation_margin is not None and not -2 <= self.relation_margin <= 2:  # cosine similarities: NaN too

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from megedit.dit import DiT
-from megedit.generator import NeuronGenerator
+from megedit.generator import NeuronGenerator, loss_rose
 from megedit.hparams import MeGHyperParams
 
 E, P, C = 16, 130, 32  # memorisation task: edits, weights per neuron, condition size
@@ -203,3 +203,57 @@ def test_stop_patience_ends_training_when_held_out_error_stalls():
     hp = hp.replace(gen_stop_patience=0)  # off: all epochs
     stats = NeuronGenerator(P, C, hp).train_on(conds, torch.arange(E), targets, hp, progress=False, held_out=held)
     assert stats["epochs"] == 20
+
+
+def kept_losses(column: str) -> list[float]:
+    """One column of the generator loss curves kept from the 10,000-edit runs (one loss per epoch)."""
+    import csv
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench/results/counterfact_meg_10k_lr4e-3_stopped/generator_loss.csv"
+    with open(path) as f:
+        return [float(row[column]) for row in csv.DictReader(f)]
+
+
+def first_rise(losses: list[float], window: int, ratio: float):
+    return next((i for i in range(1, len(losses) + 1) if loss_rose(losses[:i], window, ratio)), None)
+
+
+def test_divergence_check_stops_the_kept_10k_divergence_and_not_its_healthy_run():
+    ratio = MeGHyperParams(model_name="x", layer=0).gen_diverge_ratio
+    # 9,921 edits, one row each an epoch: a window of one epoch. gen_lr 4e-3 rose from 0.70 (epoch 42) to 0.98 (55)
+    diverged = first_rise(kept_losses("loss_gen_lr_4e-3_448_epochs"), 1, ratio)
+    assert diverged is not None and 45 <= diverged <= 60
+    assert first_rise(kept_losses("loss_gen_lr_2e-3_320_epochs"), 1, ratio) is None
+    assert first_rise(kept_losses("loss_gen_lr_4e-3_448_epochs"), 1, 0.0) is None  # 0: off
+
+
+def test_divergence_check_averages_noisy_epochs():
+    noisy = [1.0, 0.5, 0.8, 0.5, 0.8, 0.5, 0.8]  # a 60% swing every epoch, no upward trend
+    assert first_rise(noisy, 1, 1.25) == 3
+    assert first_rise(noisy, 2, 1.25) is None
+    assert first_rise(noisy + [1.5, 1.5], 2, 1.25) == 8
+
+
+def test_divergence_raises_before_the_diverged_state_is_saved(monkeypatch):
+    import megedit.generator as generator_module
+
+    class Saves:  # a checkpoint that records what is saved
+        def __init__(self):
+            self.epochs = []
+
+        def has(self, name):
+            return False
+
+        def save_state(self, name, state):
+            self.epochs.append(state["epoch"])
+
+    # stands in for a real rise (the check itself is tested on the kept curves above): fires in epoch 3
+    monkeypatch.setattr(generator_module, "loss_rose", lambda losses, window, ratio: ratio > 0 and len(losses) == 3)
+    conds, targets = task()
+    hp, saves = hparams(gen_epochs=5, checkpoint_gen_epochs=1), Saves()
+    with pytest.raises(RuntimeError, match="rose to .* in epoch 3/5.*Lower gen_lr"):
+        NeuronGenerator(P, C, hp).train_on(conds, torch.arange(E), targets, hp, progress=False, checkpoint=saves)
+    assert saves.epochs == [1, 2]
+    hp = hp.replace(gen_diverge_ratio=0.0)
+    assert NeuronGenerator(P, C, hp).train_on(conds, torch.arange(E), targets, hp, progress=False)["epochs"] == 5

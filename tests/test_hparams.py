@@ -82,7 +82,9 @@ def test_bad_choice_names_the_field_and_the_choices(tmp_path, key, value):
 @pytest.mark.parametrize("changes, field", [({"fit_steps": 0}, "fit_steps"), ({"dit_heads": 3}, "dit_heads"),
                                             ({"familiarity_classes": 1}, "familiarity_classes"),
                                             ({"layer": -1}, "layer"), ({"alg_name": "ROME"}, "alg_name"),
-                                            ({"sample_steps": 2000}, "sample_steps")])
+                                            ({"sample_steps": 2000}, "sample_steps"),
+                                            ({"gen_diverge_ratio": 0.9}, "gen_diverge_ratio"),
+                                            ({"gen_diverge_ratio": -1.0}, "gen_diverge_ratio")])
 def test_bad_values_name_the_field(changes, field):
     with pytest.raises(HParamsError, match=field):
         MeGHyperParams(**{"model_name": "x", "layer": 1, **changes})

@@ -92,3 +92,26 @@ def test_kept_result_says_what_its_edit_time_leaves_out(tmp_path):
     assert "AlphaEdit n=3: 2 of its target vectors z were read from the z cache" in md
     assert "MeG n=3: its stages were read from checkpoints of an earlier run" in md
     assert "MEMIT n=3: its stages" not in md and "MEMIT n=3: 0 of" not in md
+
+
+def test_cost_fits_growth_only_within_one_setting_and_cpu(tmp_path, monkeypatch):
+    """bench/cost.py on kept results: the 10k file's two settings and the two CPUs are separate curves."""
+    spec = importlib.util.spec_from_file_location("bench_cost", ROOT / "bench" / "cost.py")
+    cost = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cost)
+    kept = [str(ROOT / "bench/results" / name) for name in ("counterfact_meg_2k", "counterfact_meg_10k",
+                                                             "counterfact_meg_10k_v2")]
+    assert len({row["group"] for row in cost.records(kept)}) == 3  # AVX2 vs AVX512-BF16; gate/generator epochs
+    half = json.loads((ROOT / "bench/results/counterfact_meg_10k_v2/results.json").read_text())
+    half["rows"][0].update(n=4960, edit_s=half["rows"][0]["edit_s"] / 2)
+    half["seconds"]["MeG"] = {k: v / 2 ** 1.5 if k == "stage4_generator" else v / 2
+                              for k, v in half["seconds"]["MeG"].items()}
+    half["config"]["MeG"]["hparams"]["checkpoint_dir"] = "/elsewhere"  # changes nothing trained: same setting
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "results.json").write_text(json.dumps(half))
+    monkeypatch.setattr("sys.argv", ["cost.py", kept[2], str(tmp_path / "half"), "--out", str(tmp_path / "out")])
+    cost.main()
+    (exponents,) = json.loads((tmp_path / "out" / "cost.json").read_text())["exponents"].values()
+    assert exponents["edit_seconds"] == pytest.approx(1.0, abs=0.01)
+    assert exponents["stage4_generator"] == pytest.approx(1.5, abs=0.02)
+    assert "time ≈ a·n^1.00" in (tmp_path / "out" / "cost.md").read_text()
