@@ -44,7 +44,8 @@ from .atomic import atomic_dir, atomic_write
 log = logging.getLogger(__name__)
 
 # where and how often to save, where the weights sit, how the generator samples once trained, the divergence check
-# (it stops training or changes nothing), and what only EasyEdit's own code reads (its chunk size, its evaluation's cut-off) do not change what is saved
+# (it stops training or changes nothing), and what only EasyEdit's own code reads (its chunk size, its evaluation's
+# cut-off) do not change what is saved
 NOT_IN_KEY = ("checkpoint_dir", "checkpoint_gen_epochs", "device_map", "batch_size", "max_length", "sample_scheduler",
               "sample_steps", "gen_diverge_ratio")
 # each stage's own hparams (by name prefix), and the stages whose saved work it reads. Stage 3 reads neither the

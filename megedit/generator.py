@@ -36,8 +36,8 @@ DIVERGENCE_ROWS = 2000
 def loss_rose(losses: list[float], window: int, ratio: float) -> bool:
     """Whether the mean of the last ``window`` epoch losses is above ``ratio`` times the lowest such mean before it
     (never with ``ratio`` 0). A generator whose learning rate is too high for its number of edits shows it this way
-    long before its schedule ends: at 9,921 CounterFact edits, gen_lr 4e-3 went from 0.70 to 0.98 between epochs 42
-    and 55 (bench/results/counterfact_meg_10k_lr4e-3_stopped)."""
+    long before its schedule ends: at 9,921 CounterFact edits, gen_lr 4e-3 went from 0.70 in epoch 44 to 0.97 in
+    epoch 54 (bench/results/counterfact_meg_10k_lr4e-3_stopped)."""
     if ratio <= 0 or len(losses) <= window:
         return False
     means = [sum(losses[i - window:i]) / window for i in range(window, len(losses) + 1)]
