@@ -12,7 +12,6 @@ for the total and for each stage. Writes ``cost.json``, ``cost.md`` and ``cost.p
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 from collections import defaultdict
@@ -21,10 +20,14 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from megedit.checkpoint import NOT_IN_KEY  # noqa: E402
+from megedit.checkpoint import NOT_IN_KEY, _hash  # noqa: E402
 from megedit.records import environment, write_json  # noqa: E402
 
 STAGES = ("stage1_encoder", "embed", "stage2_familiarity", "stage3_neurons", "stage4_generator")
+
+
+def stage_seconds(seconds: dict) -> dict:
+    return {s: seconds[s] for s in STAGES if s in seconds}
 
 
 def records(folders: list[str]) -> list[dict]:
@@ -37,10 +40,9 @@ def records(folders: list[str]) -> list[dict]:
         data = json.loads(path.read_text())
         if "records" in data:  # megedit run
             for r in data["records"]:
-                stages = ((r.get("meg_report") or {}).get("seconds") or {})
                 out.append({"method": r["method"], "n": r["n"], "edit_seconds": r["edit_seconds"],
                             "peak_rss_gb": r["peak_rss_gb"], "z_reused": r.get("z_reused", 0), "group": r["method"],
-                            "source": folder, **{s: stages[s] for s in STAGES if s in stages}})
+                            "source": folder, **stage_seconds((r.get("meg_report") or {}).get("seconds") or {})})
         else:  # a kept result (megedit edit --keep)
             out += [kept_row(data, row, folder) for row in data["rows"]]
     return out
@@ -51,14 +53,13 @@ def kept_row(data: dict, row: dict, folder: str) -> dict:
     config = data["config"][method]
     # what trains: the hparams without the fields that change nothing trained (checkpoint folder, sampling, ...)
     trained = {k: v for k, v in config["hparams"].items() if k not in NOT_IN_KEY}
-    digest = hashlib.sha256(json.dumps(trained, sort_keys=True).encode()).hexdigest()[:6]
+    digest = _hash(trained)[:6]  # the checkpoint keys' hash
     flags = data["machine"]["cpu_flags"]
     cpu = f"{data['machine']['cpu']} ({'AVX512-BF16' if 'avx512_bf16' in flags else 'no AVX512-BF16'})"
-    stages = data["seconds"][method]
     return {"method": method, "n": row["n"], "edit_seconds": row["edit_s"],
             "peak_rss_gb": ((data.get("peak_memory") or {}).get(method) or {}).get("peak_gb"), "z_reused": 0,
             "group": f"{method} {Path(config['hparams_file']).name}#{digest}, {cpu}", "source": folder,
-            **{s: stages[s] for s in STAGES if s in stages}}
+            **stage_seconds(data["seconds"][method])}
 
 
 def growth_exponent(sizes: list[int], seconds: list[float]) -> float | None:
