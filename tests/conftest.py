@@ -34,6 +34,15 @@ def load_gpt2_tokenizer():
     return tok
 
 
+def bench_script(name: str):
+    """``bench/<name>.py`` imported as a module (bench/ is scripts, not a package)."""
+    path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.fixture(scope="session")
 def gpt2_tokenizer():
     return load_gpt2_tokenizer()

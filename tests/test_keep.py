@@ -1,6 +1,5 @@
 """Kept results: ``megedit edit --keep`` writes a small record of the run, and bench/tables.py rebuilds README tables
 from such records."""
-import importlib.util
 import json
 from pathlib import Path
 
@@ -8,16 +7,14 @@ import pytest
 
 from megedit.cli import main
 
+from conftest import bench_script
 from test_cli import assert_one_line_error, edits_file, no_model_loading, run_edit, tiny_model_dir, tiny_yaml  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def tables():
-    spec = importlib.util.spec_from_file_location("bench_tables", ROOT / "bench" / "tables.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return bench_script("tables")
 
 
 def test_edit_keeps_a_result_that_the_tables_are_built_from(tmp_path, capsys, monkeypatch):
@@ -96,9 +93,7 @@ def test_kept_result_says_what_its_edit_time_leaves_out(tmp_path):
 
 def test_cost_fits_growth_only_within_one_setting_and_cpu(tmp_path, monkeypatch):
     """bench/cost.py on kept results: the 10k file's two settings and the two CPUs are separate curves."""
-    spec = importlib.util.spec_from_file_location("bench_cost", ROOT / "bench" / "cost.py")
-    cost = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cost)
+    cost = bench_script("cost")
     kept = [str(ROOT / "bench/results" / name) for name in ("counterfact_meg_2k", "counterfact_meg_10k",
                                                              "counterfact_meg_10k_v2")]
     assert len({row["group"] for row in cost.records(kept)}) == 3  # AVX2 vs AVX512-BF16; gate/generator epochs
