@@ -4,8 +4,9 @@ Nothing here does anything in a single process: ``world_size()`` is 1, every col
 training code takes exactly the path it takes without a launcher. Under a launcher (``WORLD_SIZE`` > 1), ``init()``
 joins the process group through accelerate's ``PartialState`` (gloo on CPU, nccl on GPUs) and:
 
-- stages 1 and 2 (encoder, gate) run on every rank, then rank 0's results are broadcast, so every rank holds the same
-  bits even where kernels are not deterministic;
+- stage 1 (the encoder) runs whole on every rank; the texts' embedding is split across ranks and all-gathered; stage 2
+  (the gate) splits every batch like stage 4; then rank 0's encoder, gate and embeddings are broadcast, so every rank
+  holds the same bits even where kernels are not deterministic;
 - stage 3 shards the chunks of edits across ranks and all-gathers the fitted neurons in edit order;
 - stage 4 splits every global batch across ranks and averages gradients (DDP's semantics, ``megedit.training``), so
   the optimiser sees the single-process batch;

@@ -241,7 +241,7 @@ def train_meg(model, tok, requests: list[dict], hp: MeGHyperParams, progress: bo
     ckpt.begin("stage2_familiarity")
     familiarity, gate_report = _stage2_gate(emb, texts, len(requests), hp, device, ckpt, progress, autocast)
     report.update(gate_report)
-    # stages 1-2 ran on every rank (cheap); rank 0's results make every rank's identical bit for bit
+    # stage 1 ran whole on every rank, the embedding and stage 2 split; rank 0's results make every rank's identical
     distributed.broadcast_tensors([*encoder.state_dict().values(), *familiarity.state_dict().values(), *emb.values()])
     report["seconds"]["stage2_familiarity"] = ckpt.seconds()
 
