@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from megedit.checkpoint import NOT_IN_KEY, _hash  # noqa: E402
+from megedit.checkpoint import NOT_IN_KEY, key_hash  # noqa: E402
 from megedit.records import environment, write_json  # noqa: E402
 
 STAGES = ("stage1_encoder", "embed", "stage2_familiarity", "stage3_neurons", "stage4_generator")
@@ -53,7 +53,7 @@ def kept_row(data: dict, row: dict, folder: str) -> dict:
     config = data["config"][method]
     # what trains: the hparams without the fields that change nothing trained (checkpoint folder, sampling, ...)
     trained = {k: v for k, v in config["hparams"].items() if k not in NOT_IN_KEY}
-    digest = _hash(trained)[:6]  # the checkpoint keys' hash
+    digest = key_hash(trained)[:6]  # the checkpoint keys' hash
     flags = data["machine"]["cpu_flags"]
     cpu = f"{data['machine']['cpu']} ({'AVX512-BF16' if 'avx512_bf16' in flags else 'no AVX512-BF16'})"
     return {"method": method, "n": row["n"], "edit_seconds": row["edit_s"],

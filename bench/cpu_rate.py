@@ -21,7 +21,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from megedit import MeGHyperParams  # noqa: E402
-from megedit.dit import DiT  # noqa: E402
+from megedit.generator import NeuronGenerator  # noqa: E402
 from megedit.keep import machine  # noqa: E402
 from megedit.precision import autocast_dtype  # noqa: E402
 from megedit.records import environment, write_json  # noqa: E402
@@ -43,8 +43,7 @@ def matmul_gflops(dtype: torch.dtype, threads: int, seconds: float = 2.0) -> flo
 
 
 def generator_step_gflop(hp, vector_size: int, cond_dim: int) -> float:
-    net = DiT(vector_size, cond_dim, hp.dit_patch_size, hp.gen_hidden, hp.gen_depth, hp.dit_heads, hp.dit_mlp_ratio,
-              0.0, hp.dit_token_conditioning)
+    net = NeuronGenerator(vector_size, cond_dim, hp).net  # the DiT stage 4 trains
     rows = hp.gen_batch_size
     x, cond, t = torch.randn(rows, vector_size), torch.randn(rows, cond_dim), torch.randint(0, 1000, (rows,))
     with FlopCounterMode(display=False) as counter:
@@ -61,16 +60,17 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     hp = MeGHyperParams.from_hparams(args.hparams)
+    if hp.generator != "dit":
+        ap.error(f"{args.hparams}: generator is {hp.generator!r}; this counts a DiT's step")
     cores = len(os.sched_getaffinity(0))
     dtypes = [torch.float32] + ([torch.bfloat16] if autocast_dtype("auto", torch.device("cpu")) else [])
-    rows = [{"dtype": str(d).removeprefix("torch."), "threads": th, "gflops": round(matmul_gflops(d, th, args.seconds), 1)}
-            for d in dtypes for th in sorted({1, cores})]
+    rows = [{"dtype": str(d).removeprefix("torch."), "threads": th,
+             "gflops": round(matmul_gflops(d, th, args.seconds), 1)} for d in dtypes for th in sorted({1, cores})]
     step = generator_step_gflop(hp, args.vector_size, args.cond_dim)
-    out = Path(args.out)
+    out, cpu = Path(args.out), machine()
     write_json(out / "cpu_rate.json", {"matmul": {"shape": SHAPE, "rows": rows},
                                        "generator_step_gflop": round(step, 2), "gen_batch_size": hp.gen_batch_size,
-                                       "hparams": args.hparams, "machine": machine(), "environment": environment()})
-    cpu = machine()
+                                       "hparams": args.hparams, "machine": cpu, "environment": environment()})
     lines = [f"{cpu['cpu']}, {cpu['cpus']} CPUs ({', '.join(cpu['cpu_flags']) or 'no flags known'})", "",
              f"| matmul {'x'.join(map(str, SHAPE))} | threads | GFLOP/s |", "|---|---:|---:|"]
     lines += [f"| {r['dtype']} | {r['threads']} | {r['gflops']:.1f} |" for r in rows]

@@ -79,7 +79,8 @@ def _digest(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _hash(obj) -> str:
+def key_hash(obj) -> str:
+    """The hash of run and stage keys (also bench/cost.py's settings groups)."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -111,10 +112,10 @@ def run_keys(requests: list[dict], hp, base_fingerprint: dict) -> tuple[str, dic
 
     described = {"megedit_version": __version__, "base_model": base_fingerprint, "pseudo_edit_data_sha256": pool,
                  "training_text_rules": training_text_rules, "hparams": shared, "requests": [_what_training_reads(r) for r in requests]}
-    run = _hash(described)
+    run = key_hash(described)
     stages: dict[str, str] = {}
     for stage, (_, reads) in STAGES.items():
-        stages[stage] = _hash([run, [stages[r] for r in reads], own[stage]])
+        stages[stage] = key_hash([run, [stages[r] for r in reads], own[stage]])
     return run, stages, {**described, "stage_hparams": own}
 
 
